@@ -1,0 +1,90 @@
+"""Reading a run directory (the format is documented in README.md, "The run directory")."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import numpy as np
+
+from jaxmem.analysis.scores import DEFAULT_THRESHOLD
+from jaxmem.errors import UserError
+
+REQUIRED_FILES = ("config.json", "masks.npy", "scores.npz", "metrics.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run directory, loaded. Arrays: masks [K,N] bool, memorization [N], ..."""
+
+    path: str
+    config: dict
+    metrics: dict
+    scores: dict[str, np.ndarray]
+
+    @property
+    def masks(self) -> np.ndarray:
+        return self._array("masks.npy")
+
+    @property
+    def correct_train(self) -> np.ndarray:
+        return self._array("correct_train.npy")
+
+    @property
+    def correct_test(self) -> np.ndarray:
+        return self._array("correct_test.npy")
+
+    def _array(self, name: str) -> np.ndarray:
+        return _load_npy(os.path.join(self.path, name))
+
+    def correct_by_epoch(self, split: str = "train") -> np.ndarray:
+        """[E, K, N] bool correctness at every evaluated epoch (split 'train' or 'test')."""
+        with np.load(os.path.join(self.path, "correct_by_epoch.npz")) as packed:
+            bits, count = packed[split], int(packed[f"num_{split}"])
+        return np.unpackbits(bits, axis=-1, count=count).astype(bool)
+
+    def __getattr__(self, name: str):
+        scores = self.__dict__.get("scores", {})
+        if name in scores:
+            return scores[name]
+        raise AttributeError(name)
+
+    def memorized(self, threshold: float = DEFAULT_THRESHOLD, epoch: int | None = None):
+        """Indices of examples whose score is above threshold (last evaluated epoch by default)."""
+        scores = self.scores_at(epoch)
+        return np.flatnonzero(np.nan_to_num(scores, nan=-np.inf) > threshold)
+
+    def most_memorized(self, count: int = 10, epoch: int | None = None) -> np.ndarray:
+        """Indices of the `count` highest scores, highest first (NaN scores last)."""
+        scores = np.nan_to_num(self.scores_at(epoch), nan=-np.inf)
+        return np.argsort(-scores, kind="stable")[:count]
+
+    def scores_at(self, epoch: int | None = None) -> np.ndarray:
+        """Scores [N] at an evaluated epoch (1-based, as in `epochs`); None = the last one."""
+        if epoch is None:
+            return self.scores["memorization"]
+        epochs = list(self.scores["epochs"])
+        if epoch not in epochs:
+            raise UserError(f"epoch {epoch} was not evaluated; evaluated epochs: {epochs}")
+        return self.scores["memorization_by_epoch"][epochs.index(epoch)]
+
+
+@functools.lru_cache(maxsize=32)
+def _load_npy(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+def load_run(path: str) -> Run:
+    """Load a run directory written by `experiments/run.py`."""
+    missing = [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(path, f))]
+    if missing:
+        raise UserError(f"{path} is not a complete run directory (missing {', '.join(missing)})")
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(path, "metrics.json")) as f:
+        metrics = json.load(f)
+    with np.load(os.path.join(path, "scores.npz")) as archive:
+        scores = {key: archive[key] for key in archive.files}
+    return Run(os.path.abspath(path), config, metrics, scores)

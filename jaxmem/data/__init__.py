@@ -1,0 +1,40 @@
+"""Datasets behind one registry: `load(name, data_dir=None) -> Dataset`.
+
+Nothing outside this package knows where data came from. Adding a source is one module with a
+`load(data_dir) -> Dataset` function and one line in `SOURCES`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from jaxmem.data.dataset import Dataset
+from jaxmem.data import digits, npz_file, synthetic
+from jaxmem.errors import UserError
+
+# name -> loader(data_dir) -> Dataset
+SOURCES: dict[str, Callable[[str | None], Dataset]] = {
+    "digits": digits.load,
+    "synthetic": synthetic.load,
+}
+
+
+def register(name: str, loader: Callable[[str | None], Dataset]) -> None:
+    """Add a source to the registry (used by the modules of optional sources)."""
+    SOURCES[name] = loader
+
+
+def load(name: str, data_dir: str | None = None) -> Dataset:
+    """Load dataset `name` (a registry name, or a path to a user `.npz` file)."""
+    if name.endswith(".npz") or os.path.sep in name:
+        return npz_file.load(name)
+    if name not in SOURCES:
+        raise UserError(
+            f"unknown dataset {name!r}; choose one of {', '.join(sorted(SOURCES))} "
+            "or give a path to an .npz file"
+        )
+    return SOURCES[name](data_dir)
+
+
+__all__ = ["SOURCES", "Dataset", "load", "register"]

@@ -1,0 +1,106 @@
+"""The layers whose ensemble lowering decides throughput, kept in one place.
+
+Models are written for ONE model; the trainer adds the model axis with `jax.vmap`. Under vmap a
+`lax.conv` whose input differs per model lowers to a grouped convolution, which is slow on CPU
+(DESIGN.md: 3.7 GFLOP/s vs 22 single-model) and its backward pass is slow on GPU too
+(jax-ml/jax#13800). `conv_impl="im2col"` writes the same convolution as shifted slices and one
+matmul, which vmap turns into a batched matmul instead. Both take the same parameters, so a run
+can switch lowering without changing results (tests/test_layers.py checks outputs and grads).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+CONV_IMPLS = ("xla", "im2col")
+
+
+def conv2d(x, kernel, strides: int, impl: str):
+    """'SAME'-padded 2-d convolution. x [B,H,W,Ci], kernel [kh,kw,Ci,Co] -> [B,H',W',Co]."""
+    if impl == "xla":
+        return jax.lax.conv_general_dilated(
+            x, kernel, (strides, strides), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if impl != "im2col":
+        raise ValueError(f"unknown conv_impl {impl!r}; choose one of {CONV_IMPLS}")
+    kh, kw, ci, co = kernel.shape
+    height, width = x.shape[1:3]
+    out_h, out_w = -(-height // strides), -(-width // strides)
+    # The same padding rule as XLA's "SAME": total = max((out-1)*s + k - in, 0), low gets floor.
+    pad_h = max((out_h - 1) * strides + kh - height, 0)
+    pad_w = max((out_w - 1) * strides + kw - width, 0)
+    padded = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
+                         (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    patches = [
+        padded[:, i:i + (out_h - 1) * strides + 1:strides, j:j + (out_w - 1) * strides + 1:strides]
+        for i in range(kh) for j in range(kw)
+    ]
+    columns = jnp.concatenate(patches, axis=-1)  # [B, H', W', kh*kw*Ci], (i, j, c) order
+    return columns @ kernel.reshape(kh * kw * ci, co)
+
+
+class Conv(nn.Module):
+    """'SAME' convolution with the parameter layout of `flax.linen.Conv` and a chosen lowering."""
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    use_bias: bool = False
+    impl: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.he_normal(),
+                            (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.impl)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm whose training statistics use only the examples with mask 1.
+
+    x [B, ..., F]; mask [B] bool/float or None (all examples). A held-out example (mask 0) has no
+    influence on the output of the others nor on the running statistics. A batch with no masked-in
+    example keeps the old running statistics and stays finite (no 0/0), so a model whose subset
+    misses a whole batch is unharmed. Statistics are computed in float32 whatever the input dtype.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, train: bool, mask=None):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
+        if train:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            if mask is None:
+                weights = jnp.ones((x.shape[0],) + (1,) * (x.ndim - 1), jnp.float32)
+            else:
+                weights = mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+            per_example = 1
+            for size in x.shape[1:-1]:
+                per_example *= size
+            count = weights.sum() * per_example
+            denom = jnp.maximum(count, 1.0)
+            mean = (xf * weights).sum(axes) / denom
+            var = (jnp.square(xf - mean) * weights).sum(axes) / denom
+            if not self.is_initializing():
+                seen = count > 0
+                m = self.momentum
+                running_mean.value = jnp.where(seen, m * running_mean.value + (1 - m) * mean,
+                                               running_mean.value)
+                running_var.value = jnp.where(seen, m * running_var.value + (1 - m) * var,
+                                              running_var.value)
+        else:
+            mean, var = running_mean.value, running_var.value
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale
+        return (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
