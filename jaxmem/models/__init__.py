@@ -16,13 +16,16 @@ import numpy as np
 from flax import linen as nn
 
 from jaxmem.errors import UserError
-from jaxmem.models import small, vgg
+from jaxmem.models import resnet, small, vgg, vit
 from jaxmem.models.layers import CONV_IMPLS
 
 # name -> constructor(num_classes, conv_impl, dtype) -> nn.Module
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "tiny_cnn": small.TinyCNN,
     **{name: functools.partial(vgg.VGG, layout=layout) for name, layout in vgg.LAYOUTS.items()},
+    "resnet18": resnet.resnet18,
+    "resnet50": resnet.resnet50,
+    **{name: functools.partial(vit.create, name) for name in vit.CONFIGS},
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
