@@ -9,14 +9,19 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from jaxmem.data import cifar, digits, npz_file, synthetic, tfds_source, tiny_imagenet
 from jaxmem.data.dataset import Dataset
-from jaxmem.data import digits, npz_file, synthetic
 from jaxmem.errors import UserError
 
 # name -> loader(data_dir) -> Dataset
 SOURCES: dict[str, Callable[[str | None], Dataset]] = {
     "digits": digits.load,
     "synthetic": synthetic.load,
+    "cifar10": cifar.load_cifar10,
+    "cifar100": cifar.load_cifar100,
+    "tiny_imagenet": tiny_imagenet.load,
+    "tfds:cifar10": tfds_source.load_cifar10,  # optional extra `tfds`
+    "tfds:cifar100": tfds_source.load_cifar100,
 }
 
 
