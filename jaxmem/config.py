@@ -1,4 +1,5 @@
-"""`Config`: the single source of a run's settings. The CLI only fills it; config.json records it."""
+"""`Config`: the single source of a run's settings. The CLI only fills it (one flag per field,
+help text from the field's metadata); config.json records it."""
 
 from __future__ import annotations
 
@@ -7,49 +8,59 @@ import dataclasses
 from jaxmem.errors import UserError
 
 
+def setting(default, help: str):  # noqa: A002 - mirrors argparse's keyword
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     # what to train
-    arch: str = "tiny_cnn"
-    dataset: str = "digits"
-    data_dir: str | None = None
+    arch: str = setting("tiny_cnn", "architecture (see --list-archs)")
+    dataset: str = setting("digits", "dataset name, or a path to an .npz with x_train, y_train, "
+                           "x_test, y_test")
+    data_dir: str | None = setting(None, "folder holding the dataset files")
+    init_from: str | None = setting(None, "timm-layout .safetensors file to initialise a ViT")
     # the ensemble
-    num_models: int = 32
-    subset_ratio: float = 0.7
-    seed: int = 0
+    num_models: int = setting(32, "K, the number of models (each on its own random subset)")
+    subset_ratio: float = setting(0.7, "r, the fraction of the training set in each subset")
+    seed: int = setting(0, "seed of masks, inits, augmentation and batch order")
     # optimisation (the paper: SGD + momentum, triangular schedule peaking at 0.4, wd 5e-4, b 512)
-    epochs: int = 30
-    batch_size: int = 512
-    lr: float = 0.4
-    lr_peak_fraction: float = 0.25  # share of training spent warming up to the peak
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
+    epochs: int = setting(12, "training epochs")
+    batch_size: int = setting(512, "examples per shared batch (held-out ones get weight 0)")
+    lr: float = setting(0.4, "peak learning rate of the triangular schedule")
+    lr_peak_fraction: float = setting(0.25, "share of training spent rising to the peak lr")
+    momentum: float = setting(0.9, "SGD (Nesterov) momentum")
+    weight_decay: float = setting(5e-4, "L2 weight decay")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy")
     # augmentation; None = the dataset's default
-    flip: bool | None = None
-    translate: int | None = None
+    flip: bool | None = setting(None, "random horizontal flips (default: the dataset's)")
+    translate: int | None = setting(None, "random translation in pixels (default: the dataset's)")
     # evaluation: every `eval_every` epochs, and always the last
-    eval_every: int = 5
-    eval_batch_size: int = 1024
-    threshold: float = 0.25
-    min_count: int = 5
-    # execution (does not change results beyond float rounding)
-    models_per_wave: int = 0  # 0 = all models in one wave
-    conv_impl: str = "auto"  # "auto" = the measured best for the backend (jaxmem/train/lowering.py)
-    dtype: str = "float32"
+    eval_every: int = setting(4, "evaluate every model on all examples every this many epochs")
+    eval_batch_size: int = setting(1024, "examples per evaluation batch")
+    threshold: float = setting(0.25, "score above which an example counts as memorized")
+    min_count: int = setting(5, "fewer in- or held-out models than this: the score is NaN")
+    # execution (changes speed, not results beyond float rounding)
+    models_per_wave: int = setting(0, "models trained at once (0 = all in one wave)")
+    conv_impl: str = setting("auto", "convolution lowering: auto, xla or im2col")
+    ensemble: str = setting("auto", "model-axis mapping: auto, vmap or unroll")
+    dtype: str = setting("float32", "compute dtype: float32 or bfloat16 (params stay float32)")
 
     def __post_init__(self):
         if not 0.0 < self.subset_ratio < 1.0:
             raise UserError(f"--subset-ratio must be in (0, 1), got {self.subset_ratio}")
         for name in ("num_models", "epochs", "batch_size", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.models_per_wave < 0:
-            raise UserError(f"--models-per-wave must be >= 0, got {self.models_per_wave}")
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        if self.models_per_wave < 0 or self.min_count < 0:
+            raise UserError("--models-per-wave and --min-count must be >= 0")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise UserError("--lr must be > 0, --weight-decay >= 0 and --momentum in [0, 1)")
         if not 0.0 <= self.lr_peak_fraction <= 1.0:
             raise UserError(f"--lr-peak-fraction must be in [0, 1], got {self.lr_peak_fraction}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.translate is not None and self.translate < 0:
             raise UserError(f"--translate must be >= 0, got {self.translate}")
 

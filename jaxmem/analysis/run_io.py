@@ -6,6 +6,8 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -88,3 +90,34 @@ def load_run(path: str) -> Run:
     with np.load(os.path.join(path, "scores.npz")) as archive:
         scores = {key: archive[key] for key in archive.files}
     return Run(os.path.abspath(path), config, metrics, scores)
+
+
+def save_run(path: str, config: dict, metrics: dict, arrays: dict[str, np.ndarray],
+             scores: dict[str, np.ndarray], correct_by_epoch: dict[str, np.ndarray]) -> None:
+    """Write a run directory atomically: everything goes to a sibling temporary folder that is
+    renamed into place at the end, so an interrupted write never leaves a half run behind.
+
+    arrays: name -> array saved as name.npy (masks, correct_train, correct_test);
+    correct_by_epoch: split -> [E, K, N] bool, saved bit-packed in correct_by_epoch.npz.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    try:
+        for name, value in arrays.items():
+            np.save(os.path.join(staging, f"{name}.npy"), value)
+        np.savez(os.path.join(staging, "scores.npz"), **scores)
+        packed = {}
+        for split, correct in correct_by_epoch.items():
+            packed[split] = np.packbits(correct, axis=-1)
+            packed[f"num_{split}"] = np.int64(correct.shape[-1])
+        np.savez_compressed(os.path.join(staging, "correct_by_epoch.npz"), **packed)
+        for name, record in (("config.json", config), ("metrics.json", metrics)):
+            with open(os.path.join(staging, name), "w") as f:
+                json.dump(record, f, indent=2, sort_keys=True)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

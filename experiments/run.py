@@ -1,0 +1,14 @@
+"""Train one ensemble and write its run directory.
+
+    python experiments/run.py                      # embedded default: digits, tiny_cnn, 32 models
+    python experiments/run.py --arch=small_vgg --dataset=cifar10 --num-models=2000 --epochs=100
+
+`python experiments/run.py --help` lists every flag; README.md documents the run directory.
+"""
+
+import sys
+
+from jaxmem.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

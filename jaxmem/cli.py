@@ -1,0 +1,94 @@
+"""Command line of `experiments/run.py`: one flag per Config field, errors on one line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+
+from jaxmem.config import Config
+from jaxmem.errors import UserError
+
+
+def _flag_type(field: dataclasses.Field):
+    hint = typing.get_type_hints(Config)[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if isinstance(hint, types.UnionType) and args else hint
+    return base
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="experiments/run.py",
+        description="Train an ensemble of models on random subsets and write memorization "
+                    "scores (Feldman & Zhang) to a run directory.")
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        kind = _flag_type(field)
+        help_text = field.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=field.default,
+                                metavar=kind.__name__.upper(),
+                                help=f"{help_text} (default: {field.default})")
+    parser.add_argument("--out", help="run directory (default: runs/ARCH-DATASET-kK-sSEED)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--list-archs", action="store_true",
+                        help="print every architecture with its parameter count and exit")
+    return parser
+
+
+def list_archs() -> str:
+    from jaxmem.models import ARCHS, param_count
+
+    header = ("arch", "32x32x3, 10 cl.", "32x32x3, 100 cl.", "64x64x3, 200 cl.")
+    lines = [f"{header[0]:<12} " + " ".join(f"{h:>16}" for h in header[1:])]
+    for name in ARCHS:
+        counts = [param_count(name, c, s) for c, s in
+                  ((10, (32, 32, 3)), (100, (32, 32, 3)), (200, (64, 64, 3)))]
+        lines.append(f"{name:<12} " + " ".join(f"{n:>16,}" for n in counts))
+    return "\n".join(lines)
+
+
+def summary(out: str, metrics: dict) -> str:
+    return "\n".join([
+        f"memorized: {metrics['memorized_count']} examples with score > {metrics['threshold']}"
+        f" ({metrics['low_count_examples']} examples had too few in/out models to score)",
+        f"accuracy: train (own subset) {metrics['train_acc']:.3f}, held-out "
+        f"{metrics['heldout_acc']:.3f}, test {metrics['test_acc']:.3f} (mean over "
+        f"{metrics['num_models']} models)",
+        f"time: {metrics['wall_time_s']:.1f} s, {metrics['train_model_examples_per_s']:.0f} "
+        f"model-examples/s training, {metrics['models_per_hour']:.0f} models/hour",
+        f"run directory: {out}  (load with jaxmem.load_run({out!r}))",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.list_archs:
+            print(list_archs())
+            return 0
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+        config = Config(**values)
+        slug = os.path.splitext(os.path.basename(config.dataset))[0]
+        out = args.out or f"runs/{config.arch}-{slug}-k{config.num_models}-s{config.seed}"
+        from jaxmem import load_run
+        from jaxmem.train.runner import run
+
+        run(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+        print(summary(out, load_run(out).metrics))
+        return 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no run directory was written", file=sys.stderr)
+        return 130
+

@@ -1,0 +1,122 @@
+"""The ensemble form of the per-model step: vmapped over a leading model axis, sharded over
+devices on that axis with `jax.shard_map` (no all-gather of weights; DESIGN.md), jitted once.
+
+Every function here takes the whole on-device dataset and gathers the batch itself, so a step
+moves no image data between host and device: the host sends only the step number.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmem.train import step as step_lib
+
+AXIS = "models"
+STRATEGIES = ("vmap", "unroll")
+
+
+def make_mesh(devices=None) -> Mesh:
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
+
+
+def map_models(fn, strategy: str, in_axes):
+    """fn over ONE model -> fn over a leading model axis.
+
+    "vmap": one batched program (convs become grouped convs or batched matmuls, see layers.py).
+    "unroll": the per-model programs written out one after another inside the same jit, which XLA
+    may schedule in parallel; compile time grows with the number of models per device.
+    """
+    if strategy == "vmap":
+        return jax.vmap(fn, in_axes=in_axes)
+    if strategy != "unroll":
+        raise ValueError(f"unknown ensemble strategy {strategy!r}; choose one of {STRATEGIES}")
+
+    def unrolled(*args):
+        mapped = [a for a, axis in zip(args, in_axes, strict=True) if axis == 0]
+        count = jax.tree.leaves(mapped)[0].shape[0]
+        outputs = []
+        for k in range(count):
+            picked = [jax.tree.map(lambda leaf, k=k: leaf[k], a) if axis == 0 else a
+                      for a, axis in zip(args, in_axes, strict=True)]
+            outputs.append(fn(*picked))
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+
+    return unrolled
+
+
+class Ensemble:
+    """Jitted ensemble functions for one StepSpec on one mesh.
+
+    states carry a leading model axis M (a multiple of the mesh size), sharded on it. Keys
+    cross the shard_map boundary as raw uint32 data [M, 2] (`jax.random.key_data`).
+    """
+
+    def __init__(self, spec: step_lib.StepSpec, image_shape, batch_size: int,
+                 mesh: Mesh | None = None, strategy: str = "vmap"):
+        self.spec, self.image_shape, self.batch_size = spec, tuple(image_shape), batch_size
+        self.mesh = mesh if mesh is not None else make_mesh()
+        self.strategy = strategy
+        self.model_sharding = NamedSharding(self.mesh, P(AXIS))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.init = jax.jit(self._sharded(self._init, (P(AXIS),), P(AXIS)))
+        self.train_step = jax.jit(
+            self._sharded(self._train_step, (P(AXIS),) * 4 + (P(),) * 4,
+                          (P(AXIS), P(AXIS))),
+            donate_argnums=(0,))
+        self.evaluate = jax.jit(
+            self._sharded(self._evaluate, (P(AXIS), P(), P(), P()), P(AXIS)))
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    def _sharded(self, fn, in_specs, out_specs):
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+
+    def _init(self, init_keys):
+        def one(key_data):
+            return step_lib.init_state(self.spec, jax.random.wrap_key_data(key_data),
+                                       self.image_shape)
+
+        return map_models(one, self.strategy, (0,))(init_keys)
+
+    def _train_step(self, states, totals, masks, aug_keys, images, labels, order, step):
+        """states [M..], totals [M,3], masks [M,N] bool, aug_keys [M] (this epoch's),
+        images [N,H,W,Ch] uint8, labels [N], order [S*B] (N marks padding), step []."""
+        num_examples = labels.shape[0]
+        ids = jax.lax.dynamic_slice(order, (step * self.batch_size,), (self.batch_size,))
+        valid = ids < num_examples
+        ids = jnp.minimum(ids, num_examples - 1)
+        batch_images, batch_labels = images[ids], labels[ids]
+
+        def one(state, mask, key_data):
+            weights = (mask[ids] & valid).astype(jnp.float32)
+            return step_lib.train_step(self.spec, state, batch_images, batch_labels, ids,
+                                       weights, jax.random.wrap_key_data(key_data))
+
+        states, stats = map_models(one, self.strategy, (0, 0, 0))(states, masks, aug_keys)
+        return states, totals + stats
+
+    def _evaluate(self, states, images, labels, ids):
+        """[M, B] bool correctness of every model on images[ids] (ids clipped to the dataset)."""
+        ids = jnp.minimum(ids, labels.shape[0] - 1)
+        batch_images, batch_labels = images[ids], labels[ids]
+
+        def one(state):
+            return step_lib.eval_correct(self.spec, state, batch_images, batch_labels)
+
+        return map_models(one, self.strategy, (0,))(states)
+
+    def correct_on(self, states, images, labels, eval_batch_size: int) -> np.ndarray:
+        """[M, N] bool correctness on a whole on-device split, in fixed-size chunks (one trace)."""
+        num = labels.shape[0]
+        chunks = []
+        for start in range(0, num, eval_batch_size):
+            ids = jnp.arange(start, start + eval_batch_size, dtype=jnp.int32)
+            chunks.append(self.evaluate(states, images, labels, ids))
+        return np.concatenate([np.asarray(c) for c in chunks], axis=1)[:, :num]

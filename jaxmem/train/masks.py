@@ -1,0 +1,25 @@
+"""Subset masks: model k trains on exactly round(r*N) examples drawn from (seed, k)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmem.train import keys
+
+
+def subset_size(num_examples: int, ratio: float) -> int:
+    return int(round(ratio * num_examples))
+
+
+def subset_masks(seed: int, model_indices, num_examples: int, ratio: float) -> np.ndarray:
+    """[M, N] bool; row k depends only on (seed, model_indices[k], N, ratio)."""
+    size = subset_size(num_examples, ratio)
+    model_keys = keys.model_keys(seed, keys.MASKS, np.asarray(model_indices, np.int64))
+
+    def one(key):
+        chosen = jax.random.permutation(key, num_examples)[:size]
+        return jnp.zeros(num_examples, bool).at[chosen].set(True)
+
+    return np.asarray(jax.jit(jax.vmap(one))(model_keys))

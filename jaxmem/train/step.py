@@ -1,0 +1,88 @@
+"""The per-model functions: init, masked train step, evaluation. Written for ONE model; the
+ensemble axis is added by `ensemble.py` (Flax examples: `ensemble_step = jit(vmap(train_step))`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from jaxmem.train.augment import augment
+
+
+class ModelState(NamedTuple):
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepSpec:
+    """Everything static a step closes over (hashable by identity, so jit traces once)."""
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    flip: bool = False
+    translate: int = 0
+    label_smoothing: float = 0.0
+
+
+def normalize(spec: StepSpec, images):
+    """uint8 [B,H,W,Ch] -> float32, standardised per channel."""
+    mean, std = jnp.asarray(spec.mean, jnp.float32), jnp.asarray(spec.std, jnp.float32)
+    return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def init_state(spec: StepSpec, key, image_shape) -> ModelState:
+    variables = spec.model.init(key, jnp.zeros((1, *image_shape), jnp.float32), False)
+    params = variables["params"]
+    return ModelState(params, variables.get("batch_stats", {}), spec.tx.init(params))
+
+
+def weighted_loss(spec: StepSpec, logits, labels, weights):
+    """sum(w * l) / max(sum(w), 1): a held-out example (w = 0) adds nothing, not even to the
+    normaliser, so the loss equals the mean over the model's own examples in the batch."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, spec.num_classes), spec.label_smoothing)
+    losses = optax.softmax_cross_entropy(logits, targets)
+    return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def train_step(spec: StepSpec, state: ModelState, images, labels, example_ids, weights, key):
+    """One SGD step of one model on a batch where only examples with weight 1 count.
+
+    images [B,H,W,Ch] uint8, labels [B], example_ids [B] (dataset indices, for augmentation
+    keys), weights [B] float 0/1, key: this model's augmentation key for the epoch.
+    Returns the new state and [3] float32 (weighted loss sum, weighted correct, weight sum).
+    """
+    x = augment(normalize(spec, images), example_ids, key, spec.flip, spec.translate)
+    bn_mask = weights > 0
+
+    def loss_fn(params):
+        logits, updates = spec.model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, x, True, bn_mask,
+            mutable=["batch_stats"])
+        return weighted_loss(spec, logits, labels, weights), (updates["batch_stats"], logits)
+
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    weight_sum = weights.sum()
+    correct = ((logits.argmax(-1) == labels) * weights).sum()
+    stats = jnp.stack([loss * weight_sum, correct, weight_sum]).astype(jnp.float32)
+    return ModelState(params, batch_stats, opt_state), stats
+
+
+def eval_correct(spec: StepSpec, state: ModelState, images, labels):
+    """[B] bool: does the model (running BatchNorm statistics) classify each image correctly?"""
+    logits = spec.model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                              normalize(spec, images), False)
+    return logits.argmax(-1) == labels
+

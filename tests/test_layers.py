@@ -1,0 +1,57 @@
+"""Every convolution lowering computes the same outputs and gradients; masked BatchNorm."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmem.models.layers import CONV_IMPLS, BatchNorm, conv2d
+
+
+@pytest.mark.parametrize("shape,kernel,strides", [
+    ((2, 8, 8, 3), 3, 1), ((2, 7, 9, 4), 3, 2), ((1, 8, 8, 2), 1, 1), ((2, 6, 6, 3), 5, 2)])
+def test_conv_impls_agree_in_value_and_gradient(shape, kernel, strides):
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, shape[-1], 5))
+    ref = None
+    for impl in CONV_IMPLS:
+        f = lambda x, w, impl=impl: conv2d(x, w, strides, impl)  # noqa: E731
+        out = f(x, w)
+        grads = jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+        if ref is None:
+            ref = (out, grads)
+            continue
+        np.testing.assert_allclose(out, ref[0], rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, ref[1], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impls_agree_under_vmap():
+    xs = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 4))
+    ws = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 5))
+    outs = [jax.vmap(lambda x, w, i=impl: conv2d(x, w, 1, i))(xs, ws) for impl in CONV_IMPLS]
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_with_empty_mask_keeps_statistics_and_stays_finite():
+    bn = BatchNorm()
+    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2)) * 3 + 1
+    variables = bn.init(jax.random.key(0), x, False)
+    out, updates = bn.apply(variables, x, True, jnp.zeros(4, bool), mutable=["batch_stats"])
+    assert np.isfinite(np.asarray(out)).all()
+    jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
+    grad = jax.grad(lambda v: bn.apply(v, x, True, jnp.zeros(4, bool),
+                                       mutable=["batch_stats"])[0].sum())(variables)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grad))
+
+
+def test_batchnorm_mask_equals_subset():
+    bn = BatchNorm()
+    x = jax.random.normal(jax.random.key(0), (6, 2, 2, 3))
+    mask = jnp.array([1, 0, 1, 1, 0, 1], bool)
+    variables = bn.init(jax.random.key(0), x, False)
+    full, full_stats = bn.apply(variables, x, True, mask, mutable=["batch_stats"])
+    sub, sub_stats = bn.apply(variables, x[mask], True, mutable=["batch_stats"])
+    np.testing.assert_allclose(full[mask], sub, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                 full_stats, sub_stats)
