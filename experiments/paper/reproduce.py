@@ -1,0 +1,195 @@
+"""Reproduce the paper's Figures 1-4, Table 1 and summary numbers from ensembles of runs.
+
+    python experiments/paper/reproduce.py --quick --out=results/paper_quick
+
+Expected runtime: under 20 minutes on 2 CPU cores (3 runs of QUICK_NUM_MODELS models on the
+embedded `digits` data: tiny_cnn plus two sizes of the VGG family, small_vgg and med_vgg).
+Result, in OUT: fig1_memorization_vs_size.png, fig2_memorization_vs_epoch_digits.png,
+fig3_memorization_vs_gap.png, fig4_scores_by_run_digits.png, fig4_scores_by_epoch_*.png,
+table1.md, summary.json and summary.md (Pearson r of memorized count vs train-test gap, the
+onset/peak/final epochs of memorization of every run, model-wise and epoch-wise transient
+sets), report.html, and the run directories under OUT/runs/. The paper's claims to compare
+against: memorization starts after a stretch without any, rises to a peak and then declines
+(Figure 2), and the memorized count correlates positively with the train-test gap (Figure 3).
+
+    python experiments/paper/reproduce.py --out=results/paper --data-dir=DATA
+
+runs the paper's full grid (FULL_ARCHS x FULL_DATASETS, 2,000 models, 100 epochs each):
+accelerator-days; it is resumable, a run whose directory is complete is skipped, so rerun the
+same command after an interruption. `--skip-training` only analyses the complete runs found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+# --- quick mode: sizes tuned to the 20-minute budget on 2 CPU cores --------------------------
+QUICK_DATASETS = ("digits",)
+QUICK_ARCHS = ("tiny_cnn", "small_vgg", "med_vgg")  # one "other" and two sizes of VGG
+QUICK_NUM_MODELS = 32  # at r = 0.7 about 10 held-out models per example (min_count is 5)
+QUICK_EPOCHS = 8
+QUICK_EVAL_EVERY = 2
+QUICK_OVERRIDES = {"batch_size": 128, "lr": 0.1}  # digits: 880 examples per model
+# --- the paper's grid -------------------------------------------------------------------------
+FULL_DATASETS = ("cifar10", "cifar100", "tiny_imagenet")
+FULL_ARCHS = ("small_vgg", "med_vgg", "large_vgg", "vgg19", "resnet18", "resnet50",
+              "vit_tiny", "vit_small")
+FULL_NUM_MODELS = 2000
+FULL_EPOCHS = 100
+FULL_EVAL_EVERY = 5
+FULL_OVERRIDES: dict = {}  # the paper's optimiser settings are Config's defaults
+# --- analysis ---------------------------------------------------------------------------------
+BOOTSTRAP_RESAMPLES = 200
+REPORT_RESAMPLES = 100
+
+
+def grid(quick: bool, archs: Sequence[str] | None = None,
+         datasets: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """[(dataset, arch)] of the chosen mode, optionally restricted."""
+    archs = archs or (QUICK_ARCHS if quick else FULL_ARCHS)
+    datasets = datasets or (QUICK_DATASETS if quick else FULL_DATASETS)
+    return [(dataset, arch) for dataset in datasets for arch in archs]
+
+
+def run_dir(out: str, dataset: str, arch: str) -> str:
+    name = os.path.splitext(os.path.basename(dataset.rstrip("/")))[0]
+    return os.path.join(out, "runs", f"{name}-{arch}")
+
+
+def is_complete(path: str) -> bool:
+    """A run directory is complete when every file of the contract is there (the trainer
+    writes it atomically, so a present directory is a finished one)."""
+    names = ("config.json", "masks.npy", "correct_train.npy", "correct_test.npy",
+             "correct_by_epoch.npz", "scores.npz", "metrics.json")
+    return all(os.path.exists(os.path.join(path, name)) for name in names)
+
+
+def make_config(dataset: str, arch: str, quick: bool, args: argparse.Namespace):
+    from jaxmem.config import Config
+
+    sizes = {"num_models": QUICK_NUM_MODELS, "epochs": QUICK_EPOCHS,
+             "eval_every": QUICK_EVAL_EVERY, **QUICK_OVERRIDES} if quick else {
+        "num_models": FULL_NUM_MODELS, "epochs": FULL_EPOCHS, "eval_every": FULL_EVAL_EVERY,
+        **FULL_OVERRIDES}
+    for name in ("num_models", "epochs", "eval_every", "models_per_wave"):
+        if getattr(args, name) is not None:
+            sizes[name] = getattr(args, name)
+    return Config(arch=arch, dataset=dataset, data_dir=args.data_dir, seed=args.seed, **sizes)
+
+
+def train_missing(out: str, quick: bool, args: argparse.Namespace) -> None:
+    """Train every run of the grid whose directory is not complete yet."""
+    from jaxmem.train.runner import run
+
+    for dataset, arch in grid(quick, args.archs, args.datasets):
+        path = run_dir(out, dataset, arch)
+        if is_complete(path):
+            print(f"[skip] {path} is complete", flush=True)
+            continue
+        config = make_config(dataset, arch, quick, args)
+        print(f"[train] {dataset}/{arch}: {config.num_models} models x {config.epochs} epochs",
+              flush=True)
+        started = time.perf_counter()
+        run(config, out=path, overwrite=True, progress=not args.quiet)
+        print(f"[done] {path} in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def analyze(run_dirs: Sequence[str], out: str, resamples: int = BOOTSTRAP_RESAMPLES,
+            report: bool = True) -> dict:
+    """Write the figures, Table 1, the summary (and the HTML report) for complete runs."""
+    from jaxmem.analysis import figures, stats, tables
+    from jaxmem.analysis.run_io import load_run
+
+    runs = tables.sorted_runs([load_run(path) for path in run_dirs])
+    counts = {run.path: stats.memorized_counts(run, num_resamples=resamples) for run in runs}
+    by_dataset: dict[str, list] = {}
+    for run in runs:
+        by_dataset.setdefault(stats.dataset_name(run), []).append(run)
+    written = [figures.memorization_vs_size(runs, path=os.path.join(
+                   out, "fig1_memorization_vs_size.png")),
+               figures.memorization_vs_gap(runs, path=os.path.join(
+                   out, "fig3_memorization_vs_gap.png"))]
+    for dataset, dataset_runs in by_dataset.items():
+        written.append(figures.memorization_curve(dataset_runs, counts=counts, path=os.path.join(
+            out, f"fig2_memorization_vs_epoch_{dataset}.png")))
+        written.append(figures.run_score_histograms(dataset_runs, path=os.path.join(
+            out, f"fig4_scores_by_run_{dataset}.png")))
+    for run in runs:
+        name = stats.run_label(run).replace("/", "-")
+        written.append(figures.epoch_score_histograms(run, path=os.path.join(
+            out, f"fig4_scores_by_epoch_{name}.png")))
+    with open(os.path.join(out, "table1.md"), "w") as f:
+        f.write(tables.table1(runs))
+    summary = tables.paper_summary(runs, counts=counts)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(tables.summary_markdown(summary))
+    if report:
+        from jaxmem.report import build_report
+
+        build_report([run.path for run in runs], os.path.join(out, "report.html"),
+                     num_resamples=REPORT_RESAMPLES)
+    return summary
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="the small CPU-sized grid on the embedded digits data")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default results/paper_quick or results/paper)")
+    parser.add_argument("--data-dir", default=None, help="where CIFAR / Tiny ImageNet live")
+    parser.add_argument("--archs", type=lambda s: s.split(","), default=None,
+                        help="comma-separated subset of the grid's architectures")
+    parser.add_argument("--datasets", type=lambda s: s.split(","), default=None,
+                        help="comma-separated subset of the grid's datasets")
+    parser.add_argument("--num-models", type=int, default=None, help="override run size")
+    parser.add_argument("--epochs", type=int, default=None, help="override run size")
+    parser.add_argument("--eval-every", type=int, default=None, help="override run size")
+    parser.add_argument("--models-per-wave", type=int, default=None,
+                        help="models per jitted step (memory); does not change results")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES,
+                        help="bootstrap resamples over models for the count intervals")
+    parser.add_argument("--skip-training", action="store_true",
+                        help="only analyse the complete runs already in OUT/runs")
+    parser.add_argument("--no-report", action="store_true", help="do not write report.html")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from jaxmem.errors import UserError
+
+    args = parse_args(argv)
+    out = args.out or ("results/paper_quick" if args.quick else "results/paper")
+    started = time.perf_counter()
+    try:
+        os.makedirs(out, exist_ok=True)
+        if not args.skip_training:
+            train_missing(out, args.quick, args)
+        paths = [run_dir(out, d, a) for d, a in grid(args.quick, args.archs, args.datasets)]
+        complete = [p for p in paths if is_complete(p)]
+        for path in sorted(set(paths) - set(complete)):
+            print(f"[missing] {path}", flush=True)
+        if not complete:
+            raise UserError(f"no complete run directories under {os.path.join(out, 'runs')}")
+        summary = analyze(complete, out, args.bootstrap, not args.no_report)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    corr = summary["gap_correlation"]
+    print(f"{len(complete)} runs analysed in {time.perf_counter() - started:.0f} s; "
+          f"Pearson r (memorized vs gap) = {corr['pearson_r']}, p = {corr['p_value']}")
+    print(os.path.abspath(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The paper's figures from run directories (matplotlib, Agg rendering, no pyplot state).
+
+Figure 1: memorized count vs parameter count, one line per model family (per dataset panel).
+Figure 2: memorized count vs training epoch with a bootstrap band and the three stages.
+Figure 3: memorized count vs train-test gap over runs, with Pearson r and p.
+Figure 4: score distributions across runs or across epochs.
+
+Every function returns a `matplotlib.figure.Figure` (shown inline by Jupyter) and, given
+`path`, also writes it as PNG. Figures are built on `Figure()` directly, so they never touch
+the global pyplot state or the notebook's backend.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
+from jaxmem.analysis import stats
+from jaxmem.analysis.run_io import Run
+from jaxmem.analysis.scores import DEFAULT_THRESHOLD
+
+DPI = 110
+FAMILY_MARKERS = {"vgg": "o", "resnet": "s", "vit": "^", "other": "D"}
+FAMILY_COLORS = {"vgg": "C0", "resnet": "C1", "vit": "C2", "other": "C7"}
+STAGE_COLORS = {"none": "#dddddd", "rise": "#fde0c5", "decline": "#cfe3f5"}
+
+
+def save(fig: Figure, path: str | None) -> Figure:
+    """Write fig as PNG to path (creating its folder) when path is given; returns fig."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=DPI, bbox_inches="tight", format="png")
+    return fig
+
+
+def to_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes (for embedding)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, bbox_inches="tight", format="png")
+    return buffer.getvalue()
+
+
+def _as_list(runs: Run | Sequence[Run]) -> list[Run]:
+    return [runs] if isinstance(runs, Run) else list(runs)
+
+
+def memorization_curve(runs: Run | Sequence[Run], threshold: float | None = None,
+                       counts: Mapping[str, stats.MemorizedCounts] | None = None,
+                       num_resamples: int = 0, onset_fraction: float = stats.DEFAULT_ONSET_FRACTION,
+                       path: str | None = None) -> Figure:
+    """Figure 2: memorized count per evaluated epoch, one line per run.
+
+    counts maps run paths or labels to `stats.memorized_counts` results (a band shows their
+    interval); without them, num_resamples > 0 computes the bootstrap here, 0 plots the stored
+    counts.
+    Onset (dotted) and peak (dashed) epochs are marked; a single run also gets its stages
+    shaded (grey: no memorization, orange: rise, blue: decline).
+    """
+    runs = _as_list(runs)
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    for run in runs:
+        label = stats.run_label(run)
+        result = stats.for_run(counts, run)
+        if result is None and num_resamples > 0:
+            result = stats.memorized_counts(run, threshold, num_resamples)
+        epochs = np.asarray(run.scores["epochs"])
+        values = result.count if result is not None else stats.stored_counts(run, threshold)
+        (line,) = ax.plot(epochs, values, marker="o", markersize=3, label=label)
+        if result is not None and np.isfinite(result.ci_low).all():
+            ax.fill_between(epochs, result.ci_low, result.ci_high, color=line.get_color(),
+                            alpha=0.15, linewidth=0)
+        stages = stats.memorization_stages(epochs, values, onset_fraction)
+        for key, style in (("onset_epoch", ":"), ("peak_epoch", "--")):
+            if stages[key] is not None:
+                ax.axvline(stages[key], color=line.get_color(), linestyle=style, linewidth=1)
+        if len(runs) == 1:
+            _shade_stages(ax, epochs, stages["stage"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"memorized examples (score > {stats.run_threshold(runs[0], threshold):g})")
+    ax.set_title("Memorization during training")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize="small")
+    return save(fig, path)
+
+
+def _shade_stages(ax, epochs: np.ndarray, stage: list[str]) -> None:
+    edges = np.concatenate([[epochs[0] - 0.5], (epochs[1:] + epochs[:-1]) / 2,
+                            [epochs[-1] + 0.5]])
+    for i, name in enumerate(stage):
+        ax.axvspan(edges[i], edges[i + 1], color=STAGE_COLORS[name], alpha=0.5, linewidth=0,
+                   zorder=0)
+
+
+def memorization_vs_size(runs: Sequence[Run], threshold: float | None = None,
+                         path: str | None = None) -> Figure:
+    """Figure 1: memorized count against parameters (log scale); one panel per dataset, one
+    line per model family, each point named by its architecture."""
+    series = stats.size_series(runs, threshold)
+    datasets = sorted({dataset for dataset, _ in series})
+    fig = Figure(figsize=(5.0 * len(datasets), 4.0))
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, dataset in zip(axes, datasets, strict=True):
+        for (name, fam), points in series.items():
+            if name != dataset:
+                continue
+            ax.plot(points["num_params"], points["memorized_count"],
+                    marker=FAMILY_MARKERS[fam], color=FAMILY_COLORS[fam], label=fam)
+            for x, y, arch in zip(points["num_params"], points["memorized_count"],
+                                  points["arch"], strict=True):
+                ax.annotate(arch, (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize="x-small")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("memorized examples")
+        ax.set_title(f"Memorization vs model size ({dataset})")
+        ax.legend(fontsize="small")
+    return save(fig, path)
+
+
+def memorization_vs_gap(runs: Sequence[Run], threshold: float | None = None,
+                        path: str | None = None) -> Figure:
+    """Figure 3: memorized count against the train-test gap (percentage points), one point
+    per run, with the least-squares line and Pearson r, p in the title."""
+    runs = list(runs)
+    result = stats.gap_correlation(runs, threshold)
+    gaps = 100 * np.asarray(result["gap"])
+    counts = np.asarray(result["memorized_count"], np.float64)
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.add_subplot()
+    for run, x, y in zip(runs, gaps, counts, strict=True):
+        fam = stats.family(run.config.get("arch", ""))
+        ax.scatter([x], [y], marker=FAMILY_MARKERS[fam], color=FAMILY_COLORS[fam])
+        ax.annotate(stats.run_label(run), (x, y), textcoords="offset points", xytext=(4, 4),
+                    fontsize="x-small")
+    if len(runs) >= 2 and np.ptp(gaps) > 0:
+        slope, intercept = np.polyfit(gaps, counts, 1)
+        xs = np.linspace(gaps.min(), gaps.max(), 2)
+        ax.plot(xs, slope * xs + intercept, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("train - test accuracy (percentage points)")
+    ax.set_ylabel("memorized examples")
+    ax.set_title(f"Memorization vs generalization gap: r = {result['pearson_r']:.3f}, "
+                 f"p = {result['p_value']:.3g}")
+    return save(fig, path)
+
+
+def score_histograms(scores: Mapping[str, np.ndarray], bins: int = 40,
+                     threshold: float | None = DEFAULT_THRESHOLD,
+                     title: str = "Memorization scores", log: bool = True,
+                     path: str | None = None) -> Figure:
+    """Figure 4: overlaid histograms of score arrays over [-1, 1] (NaN dropped), one per label;
+    a dotted line at the threshold."""
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    edges = np.linspace(-1.0, 1.0, bins + 1)
+    plotted = 0
+    for label, values in scores.items():
+        values = np.asarray(values, np.float64)
+        values = values[np.isfinite(values)]
+        ax.hist(values, bins=edges, histtype="step", linewidth=1.5, label=label)
+        plotted += len(values)
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle=":", linewidth=1)
+    if log and plotted:
+        ax.set_yscale("log")
+    ax.set_xlabel("memorization score")
+    ax.set_ylabel("examples")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return save(fig, path)
+
+
+def run_score_histograms(runs: Run | Sequence[Run], bins: int = 40,
+                         threshold: float | None = None, path: str | None = None) -> Figure:
+    """Figure 4, across runs: each run's scores at its last evaluated epoch."""
+    runs = _as_list(runs)
+    return score_histograms({stats.run_label(r): r.scores["memorization"] for r in runs}, bins,
+                            stats.run_threshold(runs[0], threshold), "Scores across runs",
+                            path=path)
+
+
+def epoch_score_histograms(run: Run, epochs: Sequence[int] | None = None, bins: int = 40,
+                           threshold: float | None = None, path: str | None = None) -> Figure:
+    """Figure 4, across epochs of one run (default: up to 4 evenly spread evaluated epochs,
+    the last included)."""
+    evaluated = [int(e) for e in run.scores["epochs"]]
+    if epochs is None:
+        picks = np.unique(np.linspace(0, len(evaluated) - 1, min(4, len(evaluated))).round())
+        epochs = [evaluated[int(i)] for i in picks]
+    return score_histograms({f"epoch {e}": run.scores_at(int(e)) for e in epochs}, bins,
+                            stats.run_threshold(run, threshold),
+                            f"Scores across epochs ({stats.run_label(run)})", path=path)

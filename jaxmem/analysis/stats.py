@@ -1,0 +1,327 @@
+"""The paper's statistics over run directories: memorized sets and counts per evaluated epoch
+with bootstrap confidence intervals over models, the three stages of memorization during
+training (Figure 2), model families and sizes (Figure 1), and the correlation of memorization
+with the train-test gap (Figure 3).
+
+Every count is recomputed from the estimator's inputs (masks and correctness) through
+`jaxmem.analysis.scores`, so a statistic here never disagrees with the stored scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxmem.analysis import scores as scores_lib
+from jaxmem.analysis.run_io import Run
+from jaxmem.errors import UserError
+
+FAMILIES = ("vgg", "resnet", "vit")  # anything else is "other"
+DEFAULT_RESAMPLES = 200
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_ONSET_FRACTION = 0.1
+# Bootstrap counts are float32 matrix products of 0/1 values and multiplicities <= K: exact
+# for K < 2**24. Columns are processed in blocks so that one [K, block] operand stays this small.
+BLOCK_BYTES = 64 * 2**20
+
+
+def run_threshold(run: Run, threshold: float | None = None) -> float:
+    """`threshold` if given, else the run's configured threshold (0.25 by default)."""
+    if threshold is not None:
+        return float(threshold)
+    return float(run.config.get("threshold", scores_lib.DEFAULT_THRESHOLD))
+
+
+def run_min_count(run: Run) -> int:
+    return int(run.config.get("min_count", scores_lib.DEFAULT_MIN_COUNT))
+
+
+def memorized_set(memorization: np.ndarray, threshold: float = scores_lib.DEFAULT_THRESHOLD
+                  ) -> np.ndarray:
+    """Indices (sorted) of the examples whose score is above threshold; NaN never counts.
+    memorization [N] -> [n] int64."""
+    memorization = np.asarray(memorization, np.float64)
+    return np.flatnonzero(np.nan_to_num(memorization, nan=-np.inf) > threshold)
+
+
+def memorized_sets(run: Run, threshold: float | None = None) -> dict[int, np.ndarray]:
+    """{evaluated epoch (1-based): indices of memorized examples} for every evaluated epoch."""
+    threshold = run_threshold(run, threshold)
+    return {int(epoch): memorized_set(scores, threshold)
+            for epoch, scores in zip(run.scores["epochs"], run.scores["memorization_by_epoch"],
+                                     strict=True)}
+
+
+def bootstrap_indices(num_models: int, num_resamples: int = DEFAULT_RESAMPLES,
+                      seed: int = 0) -> np.ndarray:
+    """[R, K] int64: R resamples of the K models, with replacement (from seed alone)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, num_models, size=(num_resamples, num_models))
+
+
+class PackedEpochs(Sequence):
+    """A run's correctness [E, K, N] as a lazy sequence of [K, N] bool arrays: the bit-packed
+    file is read once and one epoch is unpacked at a time (CIFAR: 2,000 models x 50,000
+    examples is 100 MB per epoch unpacked, 12.5 MB packed)."""
+
+    def __init__(self, run: Run, split: str = "train"):
+        path = os.path.join(run.path, "correct_by_epoch.npz")
+        if not os.path.exists(path):
+            raise UserError(f"{run.path} has no correct_by_epoch.npz")
+        with np.load(path) as packed:
+            self._bits, self._count = packed[split], int(packed[f"num_{split}"])
+
+    def __len__(self) -> int:
+        return len(self._bits)
+
+    def __getitem__(self, epoch):
+        if isinstance(epoch, slice):
+            return [self[e] for e in range(*epoch.indices(len(self)))]
+        return np.unpackbits(self._bits[epoch], axis=-1, count=self._count).astype(bool)
+
+
+def _as_epochs(correct) -> tuple[Sequence[np.ndarray], bool]:
+    """[K, N] or [E, K, N] array, or a sequence of [K, N] -> (per-epoch sequence, single)."""
+    if isinstance(correct, np.ndarray) or not isinstance(correct, Sequence):
+        correct = np.asarray(correct, bool)
+        if correct.ndim == 2:
+            return correct[None], True
+    return correct, False
+
+
+def resampled_counts(masks: np.ndarray, correct, indices: np.ndarray,
+                     threshold: float = scores_lib.DEFAULT_THRESHOLD,
+                     min_count: int = scores_lib.DEFAULT_MIN_COUNT) -> np.ndarray:
+    """Memorized counts of every resampled ensemble.
+
+    masks [K, N] bool; correct [K, N] or [E, K, N] bool (or a sequence of E [K, N] arrays, e.g.
+    PackedEpochs); indices [R, K] (model k of resample r is model indices[r, k]). Returns [R]
+    or [R, E] int64, equal to `memorized_count(memorization_scores(masks[idx],
+    correct[..., idx, :]))` for each resample, computed as products of model multiplicities
+    [R, K] with the 0/1 matrices, in column blocks, one epoch at a time.
+    """
+    masks = np.asarray(masks, bool)
+    correct, single = _as_epochs(correct)
+    num_models, num_examples = masks.shape
+    indices = np.asarray(indices)
+    weights = np.zeros((len(indices), num_models), np.float32)  # [R, K] multiplicities
+    np.add.at(weights, (np.arange(len(indices))[:, None], indices), 1.0)
+    block = max(1, BLOCK_BYTES // (4 * max(num_models, 1)))
+    blocks = [slice(start, min(start + block, num_examples))
+              for start in range(0, num_examples, block)]
+    in_counts = [_weighted_sum(weights, masks[:, cols]) for cols in blocks]  # [R, n] each
+    counts = np.zeros((len(indices), len(correct)), np.int64)
+    for epoch in range(len(correct)):
+        correct_epoch = np.asarray(correct[epoch], bool)
+        if correct_epoch.shape != masks.shape:
+            raise UserError(f"correctness {correct_epoch.shape} does not match masks "
+                            f"{masks.shape}")
+        for cols, in_count in zip(blocks, in_counts, strict=True):
+            mask_block, correct_block = masks[:, cols], correct_epoch[:, cols]
+            in_correct = _weighted_sum(weights, correct_block & mask_block)
+            out_correct = _weighted_sum(weights, correct_block & ~mask_block)
+            scores = scores_lib.from_counts(in_correct, out_correct, in_count,
+                                            num_models - in_count, min_count)["memorization"]
+            counts[:, epoch] += scores_lib.memorized_count(scores, threshold)
+    return counts[:, 0] if single else counts
+
+
+def _weighted_sum(weights: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """weights [R, K] float32 @ matrix [K, n] bool -> [R, n] int64 (exact: small integers)."""
+    return np.rint(weights @ matrix.astype(np.float32)).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorizedCounts:
+    """Memorized counts per evaluated epoch with a percentile bootstrap interval over models.
+
+    epochs [E] (1-based); count [E] (the full ensemble); ci_low, ci_high [E] (NaN without
+    resamples); samples [R, E] (the resampled counts).
+    """
+
+    epochs: np.ndarray
+    count: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    samples: np.ndarray
+    threshold: float
+    confidence: float
+
+    def as_dict(self) -> dict:
+        """JSON-ready: lists of plain numbers."""
+        return {"epochs": [int(e) for e in self.epochs], "count": [int(c) for c in self.count],
+                "ci_low": [_float(v) for v in self.ci_low],
+                "ci_high": [_float(v) for v in self.ci_high],
+                "threshold": self.threshold, "confidence": self.confidence,
+                "num_resamples": int(len(self.samples))}
+
+
+def bootstrap_counts(masks: np.ndarray, correct, epochs: Sequence[int] | None = None,
+                     threshold: float = scores_lib.DEFAULT_THRESHOLD,
+                     min_count: int = scores_lib.DEFAULT_MIN_COUNT,
+                     num_resamples: int = DEFAULT_RESAMPLES,
+                     confidence: float = DEFAULT_CONFIDENCE, seed: int = 0,
+                     indices: np.ndarray | None = None) -> MemorizedCounts:
+    """Counts above threshold per epoch, and a percentile bootstrap interval that resamples the
+    K models with replacement and recomputes the scores from masks and correctness.
+
+    masks [K, N] bool; correct [E, K, N] (or [K, N]) bool, or a sequence of E [K, N] arrays;
+    indices [R, K] overrides (num_resamples, seed).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise UserError(f"confidence must be in (0, 1), got {confidence}")
+    correct, _ = _as_epochs(correct)
+    masks = np.asarray(masks, bool)
+    epochs = np.arange(1, len(correct) + 1) if epochs is None else np.asarray(epochs)
+    if len(epochs) != len(correct):
+        raise UserError(f"{len(epochs)} epochs given for {len(correct)} correctness arrays")
+    count = np.array([scores_lib.memorized_count(scores_lib.memorization_scores(
+        masks, correct[e], min_count)["memorization"], threshold) for e in range(len(correct))],
+        np.int64)
+    if indices is None:
+        indices = bootstrap_indices(masks.shape[0], num_resamples, seed)
+    samples = resampled_counts(masks, correct, indices, threshold, min_count)  # [R, E]
+    if len(samples):
+        tail = 50.0 * (1.0 - confidence)
+        ci_low, ci_high = np.percentile(samples, [tail, 100.0 - tail], axis=0)
+    else:
+        ci_low = ci_high = np.full(len(epochs), np.nan)
+    return MemorizedCounts(epochs, count, ci_low, ci_high, samples, float(threshold),
+                           float(confidence))
+
+
+def memorized_counts(run: Run, threshold: float | None = None,
+                     num_resamples: int = DEFAULT_RESAMPLES,
+                     confidence: float = DEFAULT_CONFIDENCE, seed: int = 0) -> MemorizedCounts:
+    """A run's memorized count at every evaluated epoch with its bootstrap interval."""
+    return bootstrap_counts(run.masks, PackedEpochs(run, "train"), run.scores["epochs"],
+                            run_threshold(run, threshold), run_min_count(run), num_resamples,
+                            confidence, seed)
+
+
+def stored_counts(run: Run, threshold: float | None = None) -> np.ndarray:
+    """[E] memorized counts from the stored scores (no resampling)."""
+    return np.asarray(scores_lib.memorized_count(run.scores["memorization_by_epoch"],
+                                                 run_threshold(run, threshold)), np.int64)
+
+
+def memorization_stages(epochs: Sequence[int], counts: Sequence[float],
+                        onset_fraction: float = DEFAULT_ONSET_FRACTION) -> dict:
+    """Locate the paper's three stages of memorization during training (Figure 2).
+
+    Stage 1 (no memorization): epochs before the onset, the first evaluated epoch whose count
+    reaches onset_fraction of the peak (and is above 0). Stage 2 (rise): onset up to the peak,
+    the first epoch with the highest count. Stage 3 (decline): after the peak. A run that never
+    memorizes anything has no onset and no peak.
+
+    Returns onset_epoch, peak_epoch, peak_count, final_epoch, final_count, decline (peak - final),
+    decline_fraction (decline / peak), stage [E] (one of "none", "rise", "decline").
+    """
+    epochs = [int(e) for e in epochs]
+    counts = np.asarray(counts, np.float64)
+    if len(epochs) != len(counts) or not len(epochs):
+        raise UserError(f"need one count per epoch, got {len(epochs)} epochs, {len(counts)} counts")
+    peak_at = int(np.argmax(counts))
+    peak = float(counts[peak_at])
+    final = float(counts[-1])
+    result = {"final_epoch": epochs[-1], "final_count": final, "peak_count": peak}
+    if peak <= 0:
+        return {**result, "onset_epoch": None, "peak_epoch": None, "decline": 0.0,
+                "decline_fraction": 0.0, "stage": ["none"] * len(epochs)}
+    onset_at = int(np.flatnonzero((counts >= onset_fraction * peak) & (counts > 0))[0])
+    stage = ["none" if e < onset_at else "rise" if e <= peak_at else "decline"
+             for e in range(len(epochs))]
+    return {**result, "onset_epoch": epochs[onset_at], "peak_epoch": epochs[peak_at],
+            "decline": peak - final, "decline_fraction": (peak - final) / peak, "stage": stage}
+
+
+def run_stages(run: Run, threshold: float | None = None,
+               onset_fraction: float = DEFAULT_ONSET_FRACTION) -> dict:
+    """memorization_stages of a run's stored counts per evaluated epoch."""
+    return memorization_stages(run.scores["epochs"], stored_counts(run, threshold),
+                               onset_fraction)
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Pearson r and its two-sided p-value (scipy.stats.pearsonr) over the finite pairs;
+    (nan, nan) with fewer than 2 pairs or a constant input."""
+    from scipy import stats
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan")
+    result = stats.pearsonr(x, y)
+    return float(result.statistic), float(result.pvalue)
+
+
+def train_test_gap(run: Run) -> float:
+    """Mean over models of (accuracy on its own subset - test accuracy), last evaluated epoch."""
+    return float(np.mean(run.scores["train_acc"][-1]) - np.mean(run.scores["test_acc"][-1]))
+
+
+def gap_correlation(runs: Sequence[Run], threshold: float | None = None) -> dict:
+    """Figure 3: memorized count against the train-test gap over runs, with Pearson r and p."""
+    gaps = [train_test_gap(run) for run in runs]
+    counts = [int(stored_counts(run, threshold)[-1]) for run in runs]
+    r, p = pearson(gaps, counts)
+    return {"gap": gaps, "memorized_count": counts, "pearson_r": r, "p_value": p}
+
+
+def family(arch: str) -> str:
+    """Model family of an architecture name: 'vgg', 'resnet', 'vit' or 'other'."""
+    name = arch.lower()
+    return next((fam for fam in FAMILIES if fam in name), "other")
+
+
+def num_params(run: Run) -> int:
+    """Trainable parameters of one model of the run (config.json's num_params)."""
+    if "num_params" not in run.config:
+        raise UserError(f"{run.path}: config.json has no num_params")
+    return int(run.config["num_params"])
+
+
+def size_series(runs: Sequence[Run], threshold: float | None = None) -> dict[tuple[str, str], dict]:
+    """Figure 1: {(dataset, family): {"arch", "num_params", "memorized_count"}}, each list
+    sorted by parameter count."""
+    series: dict[tuple[str, str], list] = {}
+    for run in runs:
+        key = (dataset_name(run), family(run.config.get("arch", "")))
+        series.setdefault(key, []).append(
+            (num_params(run), run.config.get("arch", "?"), int(stored_counts(run, threshold)[-1])))
+    return {key: {"num_params": [p for p, _, _ in sorted(points)],
+                  "arch": [a for _, a, _ in sorted(points)],
+                  "memorized_count": [c for _, _, c in sorted(points)]}
+            for key, points in sorted(series.items())}
+
+
+def dataset_name(run: Run) -> str:
+    """The dataset's short name (a file path becomes its base name without extension)."""
+    name = str(run.config.get("dataset_name") or run.config.get("dataset", "?"))
+    return name.rstrip("/").rsplit("/", 1)[-1].removesuffix(".npz")
+
+
+def run_label(run: Run) -> str:
+    """Short name of a run: 'dataset/arch', with '-sSEED' for a seed other than 0 (the run
+    directory's name when there is no arch)."""
+    arch = run.config.get("arch")
+    if not arch:
+        return run.path.rstrip("/").rsplit("/", 1)[-1]
+    seed = run.config.get("seed", 0)
+    return f"{dataset_name(run)}/{arch}" + (f"-s{seed}" if seed else "")
+
+
+def for_run(mapping, run: Run):
+    """mapping[run.path] or mapping[run_label(run)] (None when neither, or no mapping)."""
+    if not mapping:
+        return None
+    return mapping.get(run.path, mapping.get(run_label(run)))
+
+
+def _float(value) -> float | None:
+    value = float(value)
+    return None if np.isnan(value) else value

@@ -1,0 +1,104 @@
+"""Transient memorization (the paper's section 4.3): examples memorized in one setting and not
+in another.
+
+Model-wise: memorized by run A (e.g. a smaller model) and not by run B (a larger one), on the
+same training set. Epoch-wise: memorized at the peak epoch of a run and not at its last epoch.
+Each set comes with its size and the mean +- std of its scores under both settings.
+Examples whose score is NaN (too few in- or held-out models) in either setting are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxmem.analysis import stats
+from jaxmem.analysis.run_io import Run
+from jaxmem.analysis.scores import DEFAULT_THRESHOLD
+from jaxmem.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class TransientSet:
+    """indices [n]: memorized under `source` (score > threshold) and not under `target`
+    (score <= threshold). source_mean/std and target_mean/std: scores of those examples
+    (population std, ddof=0; NaN for an empty set). compared: examples finite in both."""
+
+    source: str
+    target: str
+    threshold: float
+    indices: np.ndarray
+    source_mean: float
+    source_std: float
+    target_mean: float
+    target_std: float
+    compared: int
+
+    @property
+    def count(self) -> int:
+        return int(len(self.indices))
+
+    def as_dict(self) -> dict:
+        """JSON-ready summary (without the indices)."""
+        def clean(v):
+            return None if np.isnan(v) else float(v)
+        return {"source": self.source, "target": self.target, "threshold": self.threshold,
+                "count": self.count, "compared": self.compared,
+                "source_mean": clean(self.source_mean), "source_std": clean(self.source_std),
+                "target_mean": clean(self.target_mean), "target_std": clean(self.target_std)}
+
+    def describe(self) -> str:
+        """One line: 'n examples memorized by A, not by B: a +- s -> b +- t'."""
+        return (f"{self.count} examples memorized by {self.source}, not by {self.target} "
+                f"(of {self.compared}): score {self.source_mean:.3f} +- {self.source_std:.3f}"
+                f" -> {self.target_mean:.3f} +- {self.target_std:.3f}")
+
+
+def transient_set(source_scores: np.ndarray, target_scores: np.ndarray,
+                  threshold: float = DEFAULT_THRESHOLD, source: str = "source",
+                  target: str = "target") -> TransientSet:
+    """Examples with source score > threshold and target score <= threshold; both [N]."""
+    source_scores = np.asarray(source_scores, np.float64)
+    target_scores = np.asarray(target_scores, np.float64)
+    if source_scores.shape != target_scores.shape or source_scores.ndim != 1:
+        raise UserError(f"scores must be two [N] arrays of one length, got "
+                        f"{source_scores.shape} and {target_scores.shape}")
+    finite = np.isfinite(source_scores) & np.isfinite(target_scores)
+    chosen = finite & (np.where(finite, source_scores, -np.inf) > threshold) & (
+        np.where(finite, target_scores, np.inf) <= threshold)
+    indices = np.flatnonzero(chosen)
+    moments = [_mean_std(values[indices]) for values in (source_scores, target_scores)]
+    return TransientSet(source, target, float(threshold), indices, *moments[0], *moments[1],
+                        int(finite.sum()))
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    if not len(values):
+        return float("nan"), float("nan")
+    return float(np.mean(values)), float(np.std(values))
+
+
+def modelwise(run_a: Run, run_b: Run, threshold: float | None = None,
+              epoch_a: int | None = None, epoch_b: int | None = None) -> TransientSet:
+    """Memorized by run A and not by run B (last evaluated epochs unless given). The runs must
+    score the same training set (same labels, in the same order)."""
+    if not np.array_equal(run_a.scores["labels"], run_b.scores["labels"]):
+        raise UserError(f"{run_a.path} and {run_b.path} do not score the same training set")
+    return transient_set(run_a.scores_at(epoch_a), run_b.scores_at(epoch_b),
+                         stats.run_threshold(run_a, threshold), stats.run_label(run_a),
+                         stats.run_label(run_b))
+
+
+def epochwise(run: Run, threshold: float | None = None,
+              peak_epoch: int | None = None) -> TransientSet:
+    """Memorized at the peak epoch (located by `stats.run_stages` unless given) and not at the
+    last evaluated epoch of the same run. Empty when the peak is the last epoch."""
+    threshold = stats.run_threshold(run, threshold)
+    if peak_epoch is None:
+        peak_epoch = stats.run_stages(run, threshold)["peak_epoch"]
+    last = int(run.scores["epochs"][-1])
+    if peak_epoch is None:  # nothing memorized at any epoch
+        peak_epoch = last
+    return transient_set(run.scores_at(int(peak_epoch)), run.scores_at(last), threshold,
+                         f"epoch {int(peak_epoch)}", f"epoch {last}")

@@ -1,0 +1,126 @@
+"""Shared fixtures. `fake_run_dir` writes small hand-made run directories in the exact format
+the trainer writes (README, "The run directory"), without training anything."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxmem.analysis import scores as scores_lib
+from jaxmem.config import Config
+
+DIGITS_TRAIN, DIGITS_TEST = 1258, 539  # jaxmem.data.load("digits")
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset_labels(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    from jaxmem import data
+
+    loaded = data.load(dataset)
+    return loaded.y_train, loaded.y_test
+
+
+def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits",
+                   num_models: int = 16, num_train: int | None = None,
+                   num_test: int | None = None, num_classes: int = 10,
+                   epochs: tuple[int, ...] = (2, 4, 6), num_params: int = 10_000,
+                   seed: int = 0, config_seed: int = 0, threshold: float = 0.25,
+                   min_count: int = 5, subset_ratio: float = 0.7, strength: float = 1.0,
+                   influence_pairs: int = 3) -> str:
+    """Write a run directory with random masks and correctness (drawn from `seed`; the config
+    records `config_seed`, which names the run) that has structure:
+
+    easy examples (60%) are learned by every model; memorized ones (20%) only by models that
+    train on them, increasingly with the epoch; transient ones (10%) are first learned only by
+    in-models and later by held-out models too (a rise then a decline); hard ones never.
+    `strength` scales the in-model advantage (a larger "model" memorizes more). The first
+    `influence_pairs` memorized examples (with enough in- and held-out models) make one test
+    example each correct exactly when they are in the subset (planted high-influence pairs).
+    """
+    rng = np.random.default_rng(seed)
+    if dataset == "digits" and num_train is None:
+        labels, test_labels = _dataset_labels("digits")
+        num_train, num_test = DIGITS_TRAIN, DIGITS_TEST
+    else:
+        num_train = num_train or 200
+        num_test = num_test or 80
+        labels = rng.integers(0, num_classes, num_train).astype(np.int32)
+        test_labels = rng.integers(0, num_classes, num_test).astype(np.int32)
+    subset = int(round(subset_ratio * num_train))
+    masks = np.zeros((num_models, num_train), bool)
+    for k in range(num_models):
+        masks[k, rng.permutation(num_train)[:subset]] = True
+
+    kind = rng.choice(4, size=num_train, p=[0.6, 0.2, 0.1, 0.1])  # easy, memorized, transient, hard
+    progress = np.asarray(epochs, np.float64) / max(epochs)  # [E] in (0, 1]
+    p_in = np.empty((len(epochs), num_train))
+    p_out = np.empty((len(epochs), num_train))
+    for e, t in enumerate(progress):
+        p_in[e] = np.select([kind == 0, kind == 1, kind == 2], [
+            min(1.0, 0.3 + t), min(1.0, strength * t), min(1.0, strength * 2 * t)], 0.05)
+        p_out[e] = np.select([kind == 0, kind == 1, kind == 2], [
+            min(1.0, 0.3 + t), 0.1, max(0.05, 2 * t - 1)], 0.05)
+    noise = rng.random((len(epochs), num_models, num_train))
+    correct = np.where(masks[None], noise < p_in[:, None], noise < p_out[:, None])  # [E,K,N]
+
+    test_p = rng.uniform(0.2, 0.95, num_test) * progress[:, None]  # [E, N_test]
+    correct_test = rng.random((len(epochs), num_models, num_test)) < test_p[:, None]
+    in_models = masks.sum(axis=0)
+    scored = (in_models >= min_count) & (num_models - in_models >= min_count)
+    for i, j in zip(np.flatnonzero((kind == 1) & scored)[:influence_pairs],
+                    range(influence_pairs), strict=False):
+        correct_test[:, :, j] = masks[None, :, i]
+        correct[:, :, i] = masks[None, :, i]
+
+    by_epoch = scores_lib.memorization_scores(masks, correct, min_count)
+    in_count, out_count = scores_lib.membership_counts(masks)
+    train_acc = (correct & masks).sum(-1) / masks.sum(-1)
+    heldout_acc = (correct & ~masks).sum(-1) / (~masks).sum(-1)
+    test_acc = correct_test.mean(-1)
+    scores = {
+        "memorization": by_epoch["memorization"][-1],
+        "memorization_se": by_epoch["memorization_se"][-1],
+        "memorization_by_epoch": by_epoch["memorization"],
+        "epochs": np.asarray(epochs, np.int64),
+        "train_acc": train_acc, "test_acc": test_acc, "heldout_acc": heldout_acc,
+        "labels": np.asarray(labels, np.int32), "test_labels": np.asarray(test_labels, np.int32),
+        "in_count": in_count, "out_count": out_count, "low_count": by_epoch["low_count"],
+        "original_index": np.arange(num_train),
+    }
+    config = {**Config(arch=arch, dataset=dataset, num_models=num_models, epochs=max(epochs),
+                       eval_every=epochs[0], seed=config_seed, threshold=threshold,
+                       min_count=min_count, subset_ratio=subset_ratio).to_dict(),
+              "num_params": num_params, "num_classes": num_classes,
+              "image_shape": [8, 8, 1], "versions": {"jaxmem": "fake"}, "devices": ["cpu"]}
+    metrics = {
+        "memorized_count": int(scores_lib.memorized_count(scores["memorization"], threshold)),
+        "threshold": threshold, "train_acc": float(train_acc[-1].mean()),
+        "test_acc": float(test_acc[-1].mean()), "wall_time_s": 1.0,
+        "model_examples_per_s": 1000.0,
+    }
+    os.makedirs(path, exist_ok=True)
+    np.save(os.path.join(path, "masks.npy"), masks)
+    np.save(os.path.join(path, "correct_train.npy"), correct[-1])
+    np.save(os.path.join(path, "correct_test.npy"), correct_test[-1])
+    np.savez_compressed(os.path.join(path, "correct_by_epoch.npz"),
+                        train=np.packbits(correct, axis=-1),
+                        test=np.packbits(correct_test, axis=-1),
+                        num_train=np.int64(num_train), num_test=np.int64(num_test))
+    np.savez(os.path.join(path, "scores.npz"), **scores)
+    for name, record in (("config.json", config), ("metrics.json", metrics)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+    return path
+
+
+@pytest.fixture
+def fake_run_dir(tmp_path):
+    """Factory: fake_run_dir(name="run", **write_fake_run options) -> path of a new run dir
+    under tmp_path (digits-sized by default, so galleries and notebooks find the images)."""
+    def make(name: str = "run", **options) -> str:
+        return write_fake_run(str(tmp_path / name), **options)
+    return make
