@@ -10,6 +10,12 @@ import os
 import numpy as np
 import pytest
 
+# Compiled XLA programs are cached on disk and shared by every test and subprocess of the session:
+# many tests build the same small ensembles, and compiling dominates their time on a CPU.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 from jaxmem.analysis import scores as scores_lib
 from jaxmem.config import Config
 
