@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=f"{help_text} (default: {field.default})")
     parser.add_argument("--out", help="run directory (default: runs/ARCH-DATASET-kK-sSEED)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run from its checkpoints (<out>.partial)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-host run: call jax.distributed.initialize (cluster "
+                             "auto-detection, or the three flags below)")
+    parser.add_argument("--coordinator-address", help="HOST:PORT of process 0")
+    parser.add_argument("--num-processes", type=int, help="processes in the job")
+    parser.add_argument("--process-id", type=int, help="this process's index")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--list-archs", action="store_true",
                         help="print every architecture with its parameter count and exit")
@@ -59,12 +67,19 @@ def list_archs() -> str:
 def summary(out: str, metrics: dict) -> str:
     return "\n".join([
         f"memorized: {metrics['memorized_count']} examples with score > {metrics['threshold']}"
-        f" ({metrics['low_count_examples']} examples had too few in/out models to score)",
+        f" ({metrics['low_count_examples']} examples flagged: fewer than "
+        f"{metrics['min_count']} in- or held-out models, score NaN)",
+        *([f"diverged and excluded: models {metrics['diverged_models']}"]
+          if metrics["diverged_models"] else []),
         f"accuracy: train (own subset) {metrics['train_acc']:.3f}, held-out "
         f"{metrics['heldout_acc']:.3f}, test {metrics['test_acc']:.3f} (mean over "
         f"{metrics['num_models']} models)",
-        f"time: {metrics['wall_time_s']:.1f} s, {metrics['train_model_examples_per_s']:.0f} "
-        f"model-examples/s training, {metrics['models_per_hour']:.0f} models/hour",
+        f"time: {metrics['wall_time_s']:.1f} s on {metrics['num_devices']} device(s), "
+        f"{metrics['train_model_examples_per_s']:.0f} model-examples/s training, "
+        f"{metrics['eval_model_examples_per_s']:.0f} evaluating, "
+        f"{metrics['seconds_per_model']:.2f} s/model, {metrics['models_per_hour']:.0f} "
+        f"models/hour" + (f", peak device memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB"
+                          if metrics.get("peak_memory_bytes") else ""),
         f"run directory: {out}  (load with jaxmem.load_run({out!r}))",
     ])
 
@@ -79,11 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         config = Config(**values)
         slug = os.path.splitext(os.path.basename(config.dataset))[0]
         out = args.out or f"runs/{config.arch}-{slug}-k{config.num_models}-s{config.seed}"
+        import jax
+
         from jaxmem import load_run
         from jaxmem.train.runner import run
 
-        run(config, out, overwrite=args.overwrite, progress=not args.no_progress)
-        print(summary(out, load_run(out).metrics))
+        if args.distributed:
+            jax.distributed.initialize(args.coordinator_address, args.num_processes,
+                                       args.process_id)
+        run(config, out, overwrite=args.overwrite, resume=args.resume,
+            progress=not args.no_progress)
+        if jax.process_index() == 0:
+            print(summary(out, load_run(out).metrics))
         return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

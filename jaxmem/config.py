@@ -40,6 +40,13 @@ class Config:
     eval_batch_size: int = setting(1024, "examples per evaluation batch")
     threshold: float = setting(0.25, "score above which an example counts as memorized")
     min_count: int = setting(5, "fewer in- or held-out models than this: the score is NaN")
+    # scale-out and fault tolerance
+    model_range: str | None = setting(None, "START:END: train only these models (a job-array "
+                                      "part; combine parts with experiments/merge.py)")
+    until_se: float | None = setting(None, "add waves until every score's standard error is "
+                                     "below this (or --num-models is reached)")
+    drop_diverged: bool = setting(False, "exclude models whose loss became NaN/inf from the "
+                                  "scores instead of stopping the run")
     # execution (changes speed, not results beyond float rounding)
     models_per_wave: int = setting(0, "models trained at once (0 = all in one wave)")
     conv_impl: str = setting("auto", "convolution lowering: auto, xla or im2col")
@@ -61,6 +68,9 @@ class Config:
             raise UserError(f"--lr-peak-fraction must be in [0, 1], got {self.lr_peak_fraction}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.until_se is not None and self.until_se <= 0:
+            raise UserError(f"--until-se must be > 0, got {self.until_se}")
+        self.model_indices()  # validates --model-range
         if self.translate is not None and self.translate < 0:
             raise UserError(f"--translate must be >= 0, got {self.translate}")
 
@@ -68,6 +78,19 @@ class Config:
         """1-based epochs after which every model is evaluated (always includes the last)."""
         epochs = set(range(self.eval_every, self.epochs + 1, self.eval_every))
         return sorted(epochs | {self.epochs})
+
+    def model_indices(self) -> range:
+        """The models this run (or part) trains: all K, or the --model-range START:END."""
+        if self.model_range is None:
+            return range(self.num_models)
+        try:
+            start, stop = (int(v) for v in self.model_range.split(":"))
+        except ValueError:
+            raise UserError(f"--model-range must be START:END, got {self.model_range!r}") from None
+        if not 0 <= start < stop <= self.num_models:
+            raise UserError(f"--model-range {self.model_range} must satisfy 0 <= START < END <= "
+                            f"--num-models ({self.num_models})")
+        return range(start, stop)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

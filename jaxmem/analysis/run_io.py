@@ -78,8 +78,12 @@ def _load_npy(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def load_run(path: str) -> Run:
-    """Load a run directory written by `experiments/run.py`."""
+def load_run(path: str, dataset=None) -> Run:
+    """Load a run directory written by `experiments/run.py`.
+
+    dataset: a `jaxmem.data.Dataset` to check against the run's fingerprints (refused with a
+    UserError naming what differs, e.g. a changed label or a reordered training set).
+    """
     missing = [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(path, f))]
     if missing:
         raise UserError(f"{path} is not a complete run directory (missing {', '.join(missing)})")
@@ -89,6 +93,11 @@ def load_run(path: str) -> Run:
         metrics = json.load(f)
     with np.load(os.path.join(path, "scores.npz")) as archive:
         scores = {key: archive[key] for key in archive.files}
+    if dataset is not None:
+        from jaxmem.fingerprint import check_same, dataset_fingerprints
+
+        check_same(config.get("fingerprints", {}), dataset_fingerprints(dataset),
+                   f"dataset {dataset.name!r} does not match run {path}")
     return Run(os.path.abspath(path), config, metrics, scores)
 
 

@@ -20,7 +20,8 @@ STRATEGIES = ("vmap", "unroll")
 
 
 def make_mesh(devices=None) -> Mesh:
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
+    """A 1-d mesh over this process's devices (default: all local devices)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.local_devices()), (AXIS,))
 
 
 def map_models(fn, strategy: str, in_axes):

@@ -1,6 +1,8 @@
 """The run loop: waves of models, epochs of shared batches, evaluation at chosen epochs.
 
-Returns everything the estimator needs (masks and correctness), not only the scores.
+Returns everything the estimator needs (masks and correctness), not only the scores. With a
+`WorkDir` every finished wave and every epoch of the wave in progress are saved, so a killed run
+resumes where it stopped and gives the same results.
 """
 
 from __future__ import annotations
@@ -16,22 +18,33 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxmem import models
+from jaxmem.analysis import scores as scores_lib
 from jaxmem.config import Config
 from jaxmem.data import Dataset
+from jaxmem.errors import UserError
 from jaxmem.train import keys, lowering
+from jaxmem.train.checkpoint import WorkDir
 from jaxmem.train.ensemble import Ensemble, make_mesh
 from jaxmem.train.masks import subset_masks
 from jaxmem.train.optim import make_optimizer
 from jaxmem.train.step import StepSpec
+
+# Per-model arrays of a wave (model axis second for [E, m, ...] / [epochs, m]).
+WAVE_ARRAYS = ("correct_train", "correct_test", "train_loss", "train_batch_acc")
+
+
+class DivergedError(UserError):
+    """Some models' loss became NaN/inf and --drop-diverged was not given."""
 
 
 @dataclasses.dataclass
 class EnsembleResult:
     """Outputs of training K models. E = evaluated epochs.
 
-    masks [K,N] bool; correct_train [E,K,N] bool; correct_test [E,K,N_test] bool;
-    train_loss, train_batch_acc [epochs, K] (masked running means during each epoch);
-    timings in seconds.
+    model_indices [K]; masks [K,N] bool; correct_train [E,K,N] bool; correct_test
+    [E,K,N_test] bool; train_loss, train_batch_acc [epochs, K] (masked means over each epoch);
+    diverged [K] bool; timings in seconds; peak device memory per wave in bytes (None if the
+    backend does not report it).
     """
 
     model_indices: np.ndarray
@@ -41,9 +54,11 @@ class EnsembleResult:
     correct_test: np.ndarray
     train_loss: np.ndarray
     train_batch_acc: np.ndarray
+    diverged: np.ndarray
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     devices: list[str] = dataclasses.field(default_factory=list)
+    peak_memory_bytes: list[int | None] = dataclasses.field(default_factory=list)
 
 
 def build_spec(config: Config, dataset: Dataset, steps_per_epoch: int) -> StepSpec:
@@ -75,78 +90,151 @@ def wave_slices(num_models: int, per_wave: int, num_devices: int) -> list[tuple[
     return waves
 
 
-def train_ensemble(config: Config, dataset: Dataset, model_indices=None, devices=None,
-                   progress: bool = True) -> EnsembleResult:
-    """Train models `model_indices` (default 0..K-1) of the run described by config."""
-    model_indices = np.arange(config.num_models) if model_indices is None else np.asarray(
-        model_indices)
-    num_train, batch_size = dataset.num_train, config.batch_size
-    steps = math.ceil(num_train / batch_size)
-    spec = build_spec(config, dataset, steps)
-    _, strategy = lowering.resolve(config.conv_impl, config.ensemble)
-    mesh = make_mesh(devices)
-    ensemble = Ensemble(spec, dataset.image_shape, batch_size, mesh, strategy)
+def peak_memory(devices) -> int | None:
+    """Largest peak bytes in use over the devices, where the backend reports it (GPU, TPU)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
 
-    rep = ensemble.replicated
-    x_train, y_train = jax.device_put(dataset.x_train, rep), jax.device_put(dataset.y_train, rep)
-    x_test, y_test = jax.device_put(dataset.x_test, rep), jax.device_put(dataset.y_test, rep)
-    masks = subset_masks(config.seed, model_indices, num_train, config.subset_ratio)
-    eval_epochs = config.eval_epochs()
-    num_models = len(model_indices)
-    correct_train = np.zeros((len(eval_epochs), num_models, num_train), bool)
-    correct_test = np.zeros((len(eval_epochs), num_models, dataset.num_test), bool)
-    train_loss = np.zeros((config.epochs, num_models))
-    train_batch_acc = np.zeros((config.epochs, num_models))
-    timer = {"train": 0.0, "eval": 0.0}
 
-    waves = wave_slices(num_models, config.models_per_wave, ensemble.num_devices)
-    bar = tqdm(total=len(waves) * config.epochs * steps, unit="step", disable=not progress,
-               dynamic_ncols=True)
-    for wave_number, (start, stop, padded) in enumerate(waves):
-        real = stop - start
-        # Padding models repeat the wave's last model; their results are dropped.
-        rows = np.minimum(np.arange(start, start + padded), stop - 1)
-        wave_indices, wave_masks = model_indices[rows], masks[rows]
-        wave_masks_dev = jax.device_put(wave_masks, ensemble.model_sharding)
+class Trainer:
+    """Trains waves of models of one run on one mesh; data is put on the devices once."""
+
+    def __init__(self, config: Config, dataset: Dataset, devices=None):
+        self.config, self.dataset = config, dataset
+        self.steps = math.ceil(dataset.num_train / config.batch_size)
+        _, strategy = lowering.resolve(config.conv_impl, config.ensemble)
+        self.mesh = make_mesh(devices)
+        self.ensemble = Ensemble(build_spec(config, dataset, self.steps), dataset.image_shape,
+                                 config.batch_size, self.mesh, strategy)
+        put = lambda a: jax.device_put(a, self.ensemble.replicated)  # noqa: E731
+        self.x_train, self.y_train = put(dataset.x_train), put(dataset.y_train)
+        self.x_test, self.y_test = put(dataset.x_test), put(dataset.y_test)
+        self.eval_epochs = config.eval_epochs()
+
+    def empty_wave(self, count: int) -> dict[str, np.ndarray]:
+        e, epochs = len(self.eval_epochs), self.config.epochs
+        return {"correct_train": np.zeros((e, count, self.dataset.num_train), bool),
+                "correct_test": np.zeros((e, count, self.dataset.num_test), bool),
+                "train_loss": np.zeros((epochs, count)),
+                "train_batch_acc": np.zeros((epochs, count)),
+                "epochs_done": np.int64(0), "train_seconds": np.float64(0),
+                "eval_seconds": np.float64(0)}
+
+    def train_wave(self, wave: int, indices: np.ndarray, masks: np.ndarray, padded: int,
+                   bar, work: WorkDir | None) -> dict[str, np.ndarray]:
+        """Train the models `indices` (masks [m, N]) as one wave padded to `padded` models
+        (padding repeats the last model; its results are dropped). Returns the wave's arrays."""
+        config, ensemble = self.config, self.ensemble
+        real = len(indices)
+        rows = np.minimum(np.arange(padded), real - 1)
+        wave_indices = indices[rows]
+        wave_masks = jax.device_put(masks[rows], ensemble.model_sharding)
         init_keys = jax.random.key_data(keys.model_keys(config.seed, keys.INIT, wave_indices))
         states = ensemble.init(jax.device_put(init_keys, ensemble.model_sharding))
+        if config.init_from:
+            states = self._load_pretrained(states)
+        result = self.empty_wave(real)
+        restored = work.restore_epoch(wave, states) if work else None
+        if restored is not None:
+            epochs_done, states, result = restored
+            bar.update(int(epochs_done) * self.steps)
         aug_base = keys.model_keys(config.seed, keys.AUGMENT, wave_indices)
-        for epoch in range(config.epochs):
+        for epoch in range(int(result["epochs_done"]), config.epochs):
             tic = time.perf_counter()
             aug_keys = jax.device_put(jax.random.key_data(jax.vmap(
                 lambda k, e=epoch: jax.random.fold_in(k, e))(aug_base)), ensemble.model_sharding)
-            order = epoch_order(config.seed, epoch, num_train, steps, batch_size)
+            order = epoch_order(config.seed, epoch, self.dataset.num_train, self.steps,
+                                config.batch_size)
             totals = jax.device_put(jnp.zeros((padded, 3), jnp.float32), ensemble.model_sharding)
             in_flight = collections.deque()
-            for step in range(steps):
-                states, totals = ensemble.train_step(states, totals, wave_masks_dev, aug_keys,
-                                                     x_train, y_train, order, step)
-                # Read metrics two steps behind: the bar shows real progress without a sync
-                # every step.
+            for step in range(self.steps):
+                states, totals = ensemble.train_step(states, totals, wave_masks, aug_keys,
+                                                     self.x_train, self.y_train, order, step)
+                # Wait on the metrics of two steps back: the bar shows real progress without
+                # a sync every step.
                 in_flight.append(totals)
                 if len(in_flight) > 2:
                     in_flight.popleft().block_until_ready()
                 bar.update(1)
             totals = np.asarray(totals)[:real]
-            timer["train"] += time.perf_counter() - tic
+            result["train_seconds"] += time.perf_counter() - tic
             weight = np.maximum(totals[:, 2], 1.0)
-            train_loss[epoch, start:stop] = totals[:, 0] / weight
-            train_batch_acc[epoch, start:stop] = totals[:, 1] / weight
-            if epoch + 1 in eval_epochs:
+            result["train_loss"][epoch] = totals[:, 0] / weight
+            result["train_batch_acc"][epoch] = totals[:, 1] / weight
+            bad = ~np.isfinite(result["train_loss"][epoch])
+            if bad.any() and not config.drop_diverged:
+                where = f"; the checkpoints in {work.path} are intact" if work else ""
+                raise DivergedError(
+                    f"models {', '.join(map(str, indices[bad]))} diverged (loss NaN/inf) in "
+                    f"epoch {epoch + 1}{where}; lower --lr, or pass --drop-diverged to "
+                    "exclude them from the scores")
+            if epoch + 1 in self.eval_epochs:
                 tic = time.perf_counter()
-                e = eval_epochs.index(epoch + 1)
-                bs = config.eval_batch_size
-                correct_train[e, start:stop] = ensemble.correct_on(states, x_train, y_train, bs)[
-                    :real]
-                correct_test[e, start:stop] = ensemble.correct_on(states, x_test, y_test, bs)[
-                    :real]
-                timer["eval"] += time.perf_counter() - tic
-            done = (wave_number * config.epochs + epoch + 1) * steps * batch_size * real
-            bar.set_postfix(wave=f"{wave_number + 1}/{len(waves)}", epoch=epoch + 1,
-                            loss=f"{train_loss[epoch, start:stop].mean():.3f}",
-                            acc=f"{train_batch_acc[epoch, start:stop].mean():.3f}",
-                            model_ex_s=f"{done / max(timer['train'], 1e-9):.0f}")
+                e, size = self.eval_epochs.index(epoch + 1), config.eval_batch_size
+                result["correct_train"][e] = ensemble.correct_on(
+                    states, self.x_train, self.y_train, size)[:real]
+                result["correct_test"][e] = ensemble.correct_on(
+                    states, self.x_test, self.y_test, size)[:real]
+                result["eval_seconds"] += time.perf_counter() - tic
+            result["epochs_done"] = np.int64(epoch + 1)
+            if work and epoch + 1 < config.epochs:
+                work.save_epoch(wave, epoch + 1, states, result)
+            loss = np.nanmean(result["train_loss"][epoch]) if not bad.all() else np.nan
+            bar.set_postfix(wave=wave + 1, epoch=epoch + 1, loss=f"{loss:.3f}",
+                            acc=f"{result['train_batch_acc'][epoch].mean():.3f}")
+        result["peak_memory_bytes"] = np.int64(peak_memory(self.mesh.devices.flat) or -1)
+        return result
+
+    def _load_pretrained(self, states):
+        from jaxmem.models.pretrained import load_timm_vit
+
+        params = load_timm_vit(self.config.init_from, jax.device_get(states.params),
+                               self.config.arch)
+        return states._replace(params=jax.device_put(params, self.ensemble.model_sharding))
+
+
+def train_ensemble(config: Config, dataset: Dataset, model_indices=None, devices=None,
+                   progress: bool = True, work: WorkDir | None = None) -> EnsembleResult:
+    """Train models `model_indices` (default: config.model_indices()) of the run.
+
+    With config.until_se, waves stop as soon as every example's standard error is below it.
+    """
+    indices = np.asarray(config.model_indices() if model_indices is None else model_indices)
+    trainer = Trainer(config, dataset, devices)
+    masks = subset_masks(config.seed, indices, dataset.num_train, config.subset_ratio)
+    waves = wave_slices(len(indices), config.models_per_wave, trainer.ensemble.num_devices)
+    bar = tqdm(total=len(waves) * config.epochs * trainer.steps, unit="step",
+               disable=not progress, dynamic_ncols=True)
+    done = []
+    for wave, (start, stop, padded) in enumerate(waves):
+        arrays = work.load_wave(wave) if work else None
+        if arrays is None:
+            arrays = trainer.train_wave(wave, indices[start:stop], masks[start:stop], padded,
+                                        bar, work)
+            if work:
+                work.save_wave(wave, arrays)
+        else:
+            bar.update(config.epochs * trainer.steps)
+        done.append(arrays)
+        if config.until_se is not None and below_target_se(masks[:stop], done, config):
+            bar.write(f"every standard error is below {config.until_se} after {stop} models")
+            break
     bar.close()
-    return EnsembleResult(model_indices, masks, eval_epochs, correct_train, correct_test,
-                          train_loss, train_batch_acc, timer["train"], timer["eval"],
-                          [str(d) for d in mesh.devices.flat])
+    used = sum(a["train_loss"].shape[1] for a in done)
+    stacked = {name: np.concatenate([a[name] for a in done], axis=1) for name in WAVE_ARRAYS}
+    diverged = ~np.isfinite(stacked["train_loss"]).all(axis=0)
+    return EnsembleResult(
+        indices[:used], masks[:used], trainer.eval_epochs, stacked["correct_train"],
+        stacked["correct_test"], stacked["train_loss"], stacked["train_batch_acc"], diverged,
+        float(sum(a["train_seconds"] for a in done)), float(sum(a["eval_seconds"] for a in done)),
+        [str(d) for d in trainer.mesh.devices.flat],
+        [int(a["peak_memory_bytes"]) if a["peak_memory_bytes"] >= 0 else None for a in done])
+
+
+def below_target_se(masks: np.ndarray, waves: list[dict], config: Config) -> bool:
+    """Is the largest per-example standard error (last evaluated epoch) below --until-se?"""
+    correct = np.concatenate([w["correct_train"][-1] for w in waves], axis=0)
+    keep = np.isfinite(np.concatenate([w["train_loss"] for w in waves], axis=1)).all(axis=0)
+    scores = scores_lib.memorization_scores(masks[keep], correct[keep], config.min_count)
+    return not scores["low_count"].any() and np.nanmax(scores["memorization_se"]) < config.until_se

@@ -7,6 +7,9 @@ tests/test_ensemble.py); only speed differs. Measurements behind the table: BENC
 
 from __future__ import annotations
 
+import os
+import sys
+
 import jax
 
 from jaxmem.errors import UserError
@@ -33,3 +36,30 @@ def resolve(conv_impl: str, ensemble: str, backend: str | None = None) -> tuple[
     if ensemble not in STRATEGIES:
         raise UserError(f"unknown --ensemble {ensemble!r}; choose auto or {', '.join(STRATEGIES)}")
     return conv_impl, ensemble
+
+
+# Allocator settings for the process (glibc reads them only at start-up, hence a re-exec).
+# XLA allocates every activation as a fresh buffer; glibc serves buffers above 32 MiB with mmap
+# and unmaps them on free, so every step page-faults its activations in again (4 KiB pages; on
+# this VM ~1 GB/s: writing a 75 MB im2col buffer took 79-148 ms instead of 9-25 ms). Keeping
+# freed memory in the heap (mmap/trim thresholds) and backing it by transparent huge pages
+# (hugetlb=1 = madvise) removes that cost. Measured numbers: BENCHMARKS.md.
+GLIBC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:"
+                  "glibc.malloc.trim_threshold=68719476736")
+
+
+def process_env() -> dict[str, str]:
+    """Environment variables that make this process faster (Linux/glibc; empty elsewhere)."""
+    return {"GLIBC_TUNABLES": GLIBC_TUNABLES} if sys.platform.startswith("linux") else {}
+
+
+def reexec_with_process_env() -> None:
+    """Re-execute the current command once with process_env() set (a no-op when it is set
+    already, when the user set GLIBC_TUNABLES themselves, or off Linux). Call it first thing
+    in a script's main, before any heavy work."""
+    wanted = process_env()
+    if not wanted or all(os.environ.get(k) for k in wanted) or os.environ.get(
+            "JAXMEM_NO_REEXEC"):
+        return
+    env = {**os.environ, **wanted, "JAXMEM_NO_REEXEC": "1"}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)

@@ -1,0 +1,33 @@
+"""Merge part run directories (from --model-range job arrays) into one run directory.
+
+    python experiments/merge.py runs/part-0-500 runs/part-500-1000 --out runs/whole
+
+Refuses parts whose settings, dataset or masks disagree, that overlap, or that leave gaps.
+"""
+
+import argparse
+import sys
+
+from jaxmem.errors import UserError
+from jaxmem.train.merge import merge_runs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="+", help="part run directories")
+    parser.add_argument("--out", required=True, help="the merged run directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--model-range", default=None,
+                        help="START:END the parts must cover (default: all --num-models)")
+    args = parser.parse_args(argv)
+    try:
+        merge_runs(args.parts, args.out, args.overwrite, args.model_range)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"merged {len(args.parts)} parts into {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

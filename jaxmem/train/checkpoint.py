@@ -1,0 +1,127 @@
+"""Nothing lost on interruption: a run's work directory `<out>.partial/`.
+
+It holds the run's record (settings and fingerprints, checked on `--resume`), one file per
+finished wave, and, for the wave in progress, an orbax checkpoint of the ensemble state after
+every epoch (the last 2 kept) with the wave's partial results beside it. Every file is written
+atomically (temporary name, then rename), so a SIGKILL at any moment leaves a resumable state.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxmem.errors import UserError
+from jaxmem.fingerprint import check_same
+
+KEEP_CHECKPOINTS = 2
+
+
+def atomic_savez(path: str, **arrays) -> None:
+    temporary = f"{path}.tmp.npz"
+    np.savez(temporary, **arrays)
+    os.replace(temporary, path)
+
+
+def atomic_json(path: str, record: dict) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
+class WorkDir:
+    """The work directory of one run (or one part of a run)."""
+
+    def __init__(self, path: str, record: dict, resume: bool):
+        """record: {"settings": ..., "fingerprints": ...} of the run about to train."""
+        self.path = path
+        record_path = os.path.join(path, "record.json")
+        if os.path.exists(record_path):
+            if not resume:
+                raise UserError(f"an interrupted run was found in {path}; pass --resume to "
+                                "continue it, or --overwrite to start again")
+            with open(record_path) as f:
+                saved = json.load(f)
+            check_same(saved["fingerprints"], record["fingerprints"], "refusing to resume")
+        else:
+            os.makedirs(path, exist_ok=True)
+            atomic_json(record_path, record)
+
+    def _wave_file(self, wave: int) -> str:
+        return os.path.join(self.path, f"wave-{wave:05d}.npz")
+
+    def load_wave(self, wave: int) -> dict | None:
+        """The finished wave's arrays, or None."""
+        if not os.path.exists(self._wave_file(wave)):
+            return None
+        with np.load(self._wave_file(wave)) as archive:
+            return {key: archive[key] for key in archive.files}
+
+    def save_wave(self, wave: int, arrays: dict) -> None:
+        atomic_savez(self._wave_file(wave), **arrays)
+        shutil.rmtree(self._checkpoint_dir(wave), ignore_errors=True)
+
+    def _checkpoint_dir(self, wave: int) -> str:
+        return os.path.join(self.path, f"checkpoint-wave-{wave:05d}")
+
+    def _manager(self, wave: int) -> ocp.CheckpointManager:
+        # Each process checkpoints only its own models (its own work directory): no
+        # cross-process barriers, this process is its own primary host.
+        me = jax.process_index()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=KEEP_CHECKPOINTS, enable_async_checkpointing=False, create=False,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"p{me}"))
+        return ocp.CheckpointManager(os.path.abspath(self._checkpoint_dir(wave)), options=options)
+
+    def save_epoch(self, wave: int, epochs_done: int, states, partial: dict) -> None:
+        """After `epochs_done` epochs of `wave`: the partial results first, then the state, so
+        that the newest state always has its results beside it."""
+        directory = self._checkpoint_dir(wave)
+        os.makedirs(directory, exist_ok=True)
+        atomic_savez(os.path.join(directory, f"partial-{epochs_done}.npz"), **partial)
+        with self._manager(wave) as manager:
+            manager.save(epochs_done, args=ocp.args.StandardSave(_savable(states)))
+            manager.wait_until_finished()
+            kept = set(manager.all_steps())
+        for old in glob.glob(os.path.join(directory, "partial-*.npz")):
+            if int(old.rsplit("-", 1)[1].split(".")[0]) not in kept:
+                os.remove(old)
+
+    def restore_epoch(self, wave: int, template):
+        """(epochs_done, states, partial) of the newest checkpoint of `wave`, or None.
+        template: states of the same structure and sharding (e.g. freshly initialised)."""
+        if not os.path.isdir(self._checkpoint_dir(wave)):
+            return None
+        with self._manager(wave) as manager:
+            step = manager.latest_step()
+            if step is None:
+                return None
+            if jax.process_count() == 1:
+                target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+                    leaf.shape, leaf.dtype, sharding=leaf.sharding), template)
+            else:
+                target = jax.device_get(template)
+            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+            states = jax.tree.map(lambda leaf, like: jax.device_put(leaf, like.sharding),
+                                  restored, template)
+        with np.load(os.path.join(self._checkpoint_dir(wave), f"partial-{step}.npz")) as archive:
+            partial = {key: archive[key] for key in archive.files}
+        return step, states, partial
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _savable(states):
+    """Orbax writes sharded arrays directly in a single process; in a multi-process job each
+    process's models live on its own devices only (host-local arrays, which orbax refuses), so
+    they are copied to host memory first."""
+    return states if jax.process_count() == 1 else jax.device_get(states)

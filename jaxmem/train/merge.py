@@ -1,0 +1,101 @@
+"""Combine part run directories (job-array parts, or the parts of a multi-process run) into one
+run directory identical to a single run over all the models.
+
+Parts must agree: the same dataset and settings fingerprints, masks equal to the ones their seed
+gives for their model indices, and model indices that neither overlap nor leave gaps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from jaxmem.analysis.run_io import load_run
+from jaxmem.config import Config
+from jaxmem.errors import UserError
+from jaxmem.fingerprint import check_same
+from jaxmem.train.loop import EnsembleResult
+from jaxmem.train.masks import subset_masks
+
+PART_WAIT_SECONDS = 24 * 3600
+
+
+def config_of(record: dict) -> Config:
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in record.items() if k in fields})
+
+
+def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
+               model_range: str | None = None) -> str:
+    """Merge part directories into `out`. model_range: the range the parts must cover
+    together (default: all of --num-models)."""
+    from jaxmem.train.runner import DataInfo, check_output_dir, write_run
+
+    if not part_dirs:
+        raise UserError("no part directories given")
+    check_output_dir(out, overwrite)
+    parts = sorted((load_run(p) for p in part_dirs), key=lambda r: int(r.model_indices[0]))
+    first = parts[0]
+    shared = {k: v for k, v in first.config["fingerprints"].items() if k != "masks"}
+    for part in parts[1:]:
+        check_same(shared, part.config["fingerprints"],
+                   f"refusing to merge {part.path} with {first.path}")
+    config = dataclasses.replace(config_of(first.config), model_range=model_range)
+    indices = np.concatenate([p.model_indices for p in parts])
+    expected = np.asarray(config.model_indices())
+    values, counts = np.unique(indices, return_counts=True)
+    if (counts > 1).any():
+        raise UserError(f"refusing to merge: parts overlap (models "
+                        f"{_ranges(values[counts > 1].tolist())})")
+    if not np.array_equal(np.sort(indices), expected):
+        missing = sorted(set(expected) - set(indices))
+        raise UserError(f"refusing to merge: parts leave gaps (missing models "
+                        f"{_ranges(missing)}) or go beyond {expected[0]}:{expected[-1] + 1}")
+    for part in parts:
+        want = subset_masks(config.seed, part.model_indices, len(part.labels),
+                            config.subset_ratio)
+        if not np.array_equal(np.asarray(part.masks), want):
+            raise UserError(f"refusing to merge: the masks of {part.path} are not the ones its "
+                            "seed and model indices give")
+    result = EnsembleResult(
+        model_indices=indices,
+        masks=np.concatenate([np.asarray(p.masks) for p in parts]),
+        epochs=[int(e) for e in first.epochs],
+        correct_train=np.concatenate([p.correct_by_epoch("train") for p in parts], axis=1),
+        correct_test=np.concatenate([p.correct_by_epoch("test") for p in parts], axis=1),
+        train_loss=np.concatenate([p.train_loss for p in parts], axis=1),
+        train_batch_acc=np.concatenate([p.train_batch_acc for p in parts], axis=1),
+        diverged=np.concatenate([p.diverged for p in parts]),
+        train_seconds=sum(p.metrics["train_seconds"] for p in parts),
+        eval_seconds=sum(p.metrics["eval_seconds"] for p in parts),
+        devices=sorted({d for p in parts for d in p.metrics["devices"]}),
+        peak_memory_bytes=[b for p in parts for b in p.metrics["peak_memory_bytes_per_wave"]])
+    info = DataInfo(first.config["dataset_name"], first.config["num_classes"],
+                    tuple(first.config["image_shape"]), first.labels, first.test_labels,
+                    first.original_index, {k: v for k, v in first.config["fingerprints"].items()
+                                           if k not in ("masks", "settings")})
+    write_run(out, config, info, result, sum(p.metrics["wall_time_s"] for p in parts))
+    return out
+
+
+def wait_for_parts(part_dirs: list[str], timeout: float = PART_WAIT_SECONDS) -> None:
+    """Block until every part directory is complete (its metrics.json exists)."""
+    deadline = time.monotonic() + timeout
+    while not all(os.path.exists(os.path.join(p, "metrics.json")) for p in part_dirs):
+        if time.monotonic() > deadline:
+            raise UserError(f"timed out waiting for parts {part_dirs}")
+        time.sleep(1.0)
+
+
+def _ranges(values: list[int]) -> str:
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)

@@ -1,0 +1,185 @@
+"""Fault tolerance and scale-out: kill and resume, refusal on changed inputs, merging parts,
+divergence, adaptive ensemble size, two processes on the loopback address."""
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxmem import load_run
+from jaxmem.config import Config
+from jaxmem.data import load
+from jaxmem.data.synthetic import make
+from jaxmem.errors import UserError
+from jaxmem.train.loop import DivergedError, below_target_se
+from jaxmem.train.merge import merge_runs
+from jaxmem.train.runner import run, work_dir_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_PY = os.path.join(ROOT, "experiments", "run.py")
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    data = make(seed=4, sizes=(1, 2, 4, 8))  # 150 train, 40 test, 8x8x1
+    path = tmp_path_factory.mktemp("data") / "longtail.npz"
+    np.savez(path, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test,
+             y_test=data.y_test)
+    return str(path)
+
+
+def config_for(npz, **changes):
+    base = Config(arch="tiny_cnn", dataset=npz, num_models=4, models_per_wave=2, epochs=4,
+                  eval_every=2, batch_size=64, seed=7, min_count=1)
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(npz, tmp_path_factory):
+    return load_run(run(config_for(npz), str(tmp_path_factory.mktemp("whole") / "run"),
+                        progress=False))
+
+
+def assert_same_run(a, b, exact=True):
+    np.testing.assert_array_equal(a.masks, b.masks)
+    np.testing.assert_array_equal(a.model_indices, b.model_indices)
+    if exact:
+        np.testing.assert_array_equal(a.correct_by_epoch("train"), b.correct_by_epoch("train"))
+        np.testing.assert_array_equal(a.memorization_by_epoch, b.memorization_by_epoch)
+    else:
+        assert (a.correct_by_epoch("train") != b.correct_by_epoch("train")).mean() < 0.01
+    np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-4, atol=1e-5)
+
+
+def rewrite(npz, path, **changes):
+    with np.load(npz) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    arrays.update({k: v(arrays) for k, v in changes.items()})
+    np.savez(path, **arrays)
+
+
+def test_killed_run_refuses_changed_inputs_then_resumes_to_the_same_scores(
+        npz, uninterrupted, tmp_path):
+    out = str(tmp_path / "run")
+    work = work_dir_of(out)
+    args = [sys.executable, RUN_PY, f"--dataset={npz}", "--num-models=4", "--models-per-wave=2",
+            "--epochs=4", "--eval-every=2", "--batch-size=64", "--seed=7", "--min-count=1",
+            f"--out={out}", "--no-progress"]
+    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    # SIGKILL as soon as the second wave has an epoch checkpoint: one wave done, one midway.
+    while not os.path.isdir(os.path.join(work, "checkpoint-wave-00001")):
+        assert child.poll() is None, child.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not os.path.exists(out) and os.path.exists(os.path.join(work, "wave-00000.npz"))
+
+    with pytest.raises(UserError, match="--resume"):
+        run(config_for(npz), out, progress=False)
+    changed = str(tmp_path / "changed.npz")
+    rewrite(npz, changed, y_train=lambda a: np.where(np.arange(150) == 3, (a["y_train"] + 1) % 10,
+                                                     a["y_train"]))
+    with pytest.raises(UserError, match="train_labels fingerprint differs"):
+        run(config_for(changed), out, resume=True, progress=False)
+    reordered = str(tmp_path / "reordered.npz")
+    rewrite(npz, reordered, x_train=lambda a: a["x_train"][::-1],
+            y_train=lambda a: a["y_train"][::-1])
+    with pytest.raises(UserError, match="train_images fingerprint differs"):
+        run(config_for(reordered), out, resume=True, progress=False)
+    with pytest.raises(UserError, match="masks fingerprint differs"):
+        run(config_for(npz, subset_ratio=0.6), out, resume=True, progress=False)
+
+    resumed = load_run(run(config_for(npz), out, resume=True, progress=False))
+    assert not os.path.exists(work)
+    assert_same_run(resumed, uninterrupted)
+
+
+def test_merged_parts_equal_a_single_run(npz, uninterrupted, tmp_path):
+    parts = [run(config_for(npz, model_range=r, models_per_wave=0), str(tmp_path / r),
+                 progress=False) for r in ("0:1", "1:4")]
+    merged = load_run(merge_runs(parts[::-1], str(tmp_path / "merged")))
+    assert_same_run(merged, uninterrupted, exact=False)
+    assert merged.config["model_range"] is None and merged.metrics["num_models"] == 4
+
+    with pytest.raises(UserError, match="gaps"):
+        merge_runs(parts[1:], str(tmp_path / "gap"))
+    overlap = run(config_for(npz, model_range="0:2", models_per_wave=0),
+                  str(tmp_path / "0-2"), progress=False)
+    with pytest.raises(UserError, match="overlap"):
+        merge_runs([overlap, parts[1]], str(tmp_path / "overlap"))
+    # a part whose mask was changed
+    masks = np.load(os.path.join(parts[0], "masks.npy"))
+    masks[0, :3] = ~masks[0, :3]
+    np.save(os.path.join(parts[0], "masks.npy"), masks)
+    with pytest.raises(UserError, match="masks"):
+        merge_runs(parts, str(tmp_path / "tampered"))
+
+
+def test_merge_refuses_parts_of_another_dataset(npz, tmp_path):
+    changed = str(tmp_path / "changed.npz")
+    rewrite(npz, changed, y_train=lambda a: (a["y_train"] + 1) % 10)
+    a = run(config_for(npz, model_range="0:2", models_per_wave=0, epochs=1, eval_every=1),
+            str(tmp_path / "a"), progress=False)
+    b = run(config_for(changed, model_range="2:4", models_per_wave=0, epochs=1, eval_every=1),
+            str(tmp_path / "b"), progress=False)
+    with pytest.raises(UserError, match="train_labels fingerprint differs"):
+        merge_runs([a, b], str(tmp_path / "merged"))
+    with pytest.raises(UserError, match="train_labels fingerprint differs"):
+        load_run(a, dataset=load(changed))
+    assert load_run(a, dataset=load(npz)).config["fingerprints"]["train_labels"]
+
+
+def test_divergence_stops_with_model_indices_or_is_dropped(npz, tmp_path):
+    diverging = config_for(npz, lr=1e30, epochs=2, eval_every=1, models_per_wave=0)
+    out = str(tmp_path / "nan")
+    with pytest.raises(DivergedError, match=r"models 0, 1, 2, 3 diverged .* checkpoints"):
+        run(diverging, out, progress=False)
+    assert os.path.exists(os.path.join(work_dir_of(out), "record.json"))
+    dropped = load_run(run(dataclasses.replace(diverging, drop_diverged=True), out,
+                           overwrite=True, progress=False))
+    assert dropped.metrics["diverged_models"] == [0, 1, 2, 3]
+    assert dropped.diverged.all() and np.isnan(dropped.memorization).all()
+
+
+def test_until_se_stops_at_the_first_wave_that_reaches_the_target(npz, tmp_path):
+    config = config_for(npz, num_models=16, models_per_wave=2, epochs=1, eval_every=1,
+                        subset_ratio=0.5, until_se=0.75, min_count=2)
+    result = load_run(run(config, str(tmp_path / "se"), progress=False))
+    used = result.metrics["num_models"]
+    assert 4 <= used < 16 and used % 2 == 0
+    assert result.metrics["max_memorization_se"] < 0.75 and not result.low_count.any()
+    # one wave fewer had not reached the target
+    fewer = used - 2
+    wave = {"correct_train": np.asarray(result.correct_train)[None, :fewer],
+            "train_loss": np.zeros((1, fewer))}
+    assert not below_target_se(np.asarray(result.masks)[:fewer], [wave], config)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_loopback_equal_a_single_process(npz, uninterrupted, tmp_path):
+    out, port = str(tmp_path / "two"), free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen(
+        [sys.executable, RUN_PY, f"--dataset={npz}", "--num-models=4", "--epochs=4",
+         "--eval-every=2", "--batch-size=64", "--seed=7", "--min-count=1", f"--out={out}",
+         "--no-progress", "--distributed", f"--coordinator-address=127.0.0.1:{port}",
+         "--num-processes=2", f"--process-id={p}"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for p in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
+    merged = load_run(out)
+    assert merged.metrics["num_models"] == 4
+    assert_same_run(merged, uninterrupted, exact=False)
