@@ -48,7 +48,8 @@ class Config:
     drop_diverged: bool = setting(False, "exclude models whose loss became NaN/inf from the "
                                   "scores instead of stopping the run")
     # execution (changes speed, not results beyond float rounding)
-    models_per_wave: int = setting(0, "models trained at once (0 = all in one wave)")
+    models_per_wave: int = setting(0, "models trained at once (0 = as many as fit the devices' "
+                                   "free memory; all of them on CPU)")
     conv_impl: str = setting("auto", "convolution lowering: auto, xla or im2col")
     ensemble: str = setting("auto", "model-axis mapping: auto, vmap or unroll")
     dtype: str = setting("float32", "compute dtype: float32 or bfloat16 (params stay float32)")

@@ -100,3 +100,17 @@ def test_four_simulated_devices_equal_one_device():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FOUR_DEVICES_OK" in done.stdout
+
+
+def test_auto_wave_size_follows_free_memory(monkeypatch):
+    from jaxmem.train import loop
+
+    trainer = loop.Trainer(Config(**CONFIG), DATASET)
+    assert loop.auto_wave_size(trainer, 50) == 50  # CPU reports no memory: one wave
+    monkeypatch.setattr(loop, "free_device_memory", lambda devices: 10**12)
+    assert loop.auto_wave_size(trainer, 50) == 50  # everything fits
+    monkeypatch.setattr(loop, "free_device_memory", lambda devices: 400 * 2**20)
+    small = loop.auto_wave_size(trainer, 10**6)
+    monkeypatch.setattr(loop, "free_device_memory", lambda devices: 1600 * 2**20)
+    large = loop.auto_wave_size(trainer, 10**6)
+    assert 1 <= small < large < 10**6 and abs(large / small - 4) < 0.2

@@ -90,6 +90,41 @@ def wave_slices(num_models: int, per_wave: int, num_devices: int) -> list[tuple[
     return waves
 
 
+# Share of a device's free memory a wave may plan to use (the rest: fragmentation, eval, XLA).
+MEMORY_FRACTION = 0.7
+
+
+def auto_wave_size(trainer: Trainer, num_models: int) -> int:
+    """Models per wave that fit the devices' free memory, from the compiled step's memory use
+    for one model per device. Backends that do not report memory (CPU) get one wave."""
+    free = free_device_memory(trainer.mesh.devices.flat)
+    if free is None:
+        return num_models
+    count = trainer.mesh.size
+    sharded = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=trainer.ensemble.model_sharding)
+    keys_shape = sharded((count, 2), jnp.uint32)
+    states = jax.eval_shape(trainer.ensemble.init, keys_shape)
+    compiled = trainer.ensemble.train_step.lower(
+        states, sharded((count, 3), jnp.float32),
+        sharded((count, trainer.dataset.num_train), jnp.bool_), keys_shape, trainer.x_train,
+        trainer.y_train, jnp.zeros(trainer.steps * trainer.config.batch_size, jnp.int32),
+        0).compile()
+    usage = compiled.memory_analysis()
+    per_model = (usage.argument_size_in_bytes + usage.output_size_in_bytes
+                 - usage.alias_size_in_bytes + usage.temp_size_in_bytes)
+    per_device = max(1, int(MEMORY_FRACTION * free // max(per_model, 1)))
+    return min(num_models, per_device * count)
+
+
+def free_device_memory(devices) -> int | None:
+    """Smallest free memory over the devices in bytes; None where it is not reported."""
+    stats = [d.memory_stats() for d in devices]
+    if any(not s or "bytes_limit" not in s for s in stats):
+        return None
+    return min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+
+
 def peak_memory(devices) -> int | None:
     """Largest peak bytes in use over the devices, where the backend reports it (GPU, TPU)."""
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
@@ -203,7 +238,8 @@ def train_ensemble(config: Config, dataset: Dataset, model_indices=None, devices
     indices = np.asarray(config.model_indices() if model_indices is None else model_indices)
     trainer = Trainer(config, dataset, devices)
     masks = subset_masks(config.seed, indices, dataset.num_train, config.subset_ratio)
-    waves = wave_slices(len(indices), config.models_per_wave, trainer.ensemble.num_devices)
+    per_wave = config.models_per_wave or auto_wave_size(trainer, len(indices))
+    waves = wave_slices(len(indices), per_wave, trainer.ensemble.num_devices)
     bar = tqdm(total=len(waves) * config.epochs * trainer.steps, unit="step",
                disable=not progress, dynamic_ncols=True)
     done = []
