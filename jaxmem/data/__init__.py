@@ -25,11 +25,6 @@ SOURCES: dict[str, Callable[[str | None], Dataset]] = {
 }
 
 
-def register(name: str, loader: Callable[[str | None], Dataset]) -> None:
-    """Add a source to the registry (used by the modules of optional sources)."""
-    SOURCES[name] = loader
-
-
 def load(name: str, data_dir: str | None = None) -> Dataset:
     """Load dataset `name` (a registry name, or a path to a user `.npz` file)."""
     if name.endswith(".npz") or os.path.sep in name:
@@ -42,4 +37,4 @@ def load(name: str, data_dir: str | None = None) -> Dataset:
     return SOURCES[name](data_dir)
 
 
-__all__ = ["SOURCES", "Dataset", "load", "register"]
+__all__ = ["SOURCES", "Dataset", "load"]
