@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from jaxmem.models.layers import CONV_IMPLS, BatchNorm, conv2d
+from jaxmem.models.layers import CONV_IMPLS, BatchNorm, conv2d, max_pool_2x2
 
 
 @pytest.mark.parametrize("shape,kernel,strides", [
@@ -55,3 +56,21 @@ def test_batchnorm_mask_equals_subset():
     np.testing.assert_allclose(full[mask], sub, rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                  full_stats, sub_stats)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 4), (1, 2, 2, 1)])
+def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(shape):
+    x = jax.random.normal(jax.random.key(0), shape)  # no ties: the gradients agree exactly
+
+    def flax_pool(v):
+        return nn.max_pool(v, (2, 2), (2, 2))
+
+    def grad(f, v):
+        return jax.grad(lambda v: jnp.sum(jnp.cos(f(v))))(v)
+
+    np.testing.assert_array_equal(max_pool_2x2(x), flax_pool(x))
+    np.testing.assert_allclose(grad(max_pool_2x2, x), grad(flax_pool, x), rtol=1e-6, atol=1e-6)
+    xs = jnp.stack([x, -x])  # under vmap (the ensemble's model axis)
+    np.testing.assert_array_equal(jax.vmap(max_pool_2x2)(xs), jax.vmap(flax_pool)(xs))
+    np.testing.assert_allclose(grad(jax.vmap(max_pool_2x2), xs), grad(jax.vmap(flax_pool), xs),
+                               rtol=1e-6, atol=1e-6)

@@ -17,7 +17,7 @@ from jaxmem.train.loop import build_spec, epoch_order
 from jaxmem.train.masks import subset_masks
 from jaxmem.train.step import init_state, train_step
 
-SEED, BATCH, STEPS = 5, 64, 3  # the first 3 of the epoch's 5 steps
+SEED, BATCH, STEPS = 5, 64, 2  # the first 2 of the epoch's 5 steps
 
 
 def test_masked_training_equals_training_on_the_subset():
@@ -63,4 +63,4 @@ def test_masked_training_equals_training_on_the_subset():
     # and the held-out examples really were in the batches (the test is not vacuous)
     held_out_seen = sum((~masks[k, order_np[s * BATCH:(s + 1) * BATCH]]).sum()
                         for s in range(STEPS))
-    assert held_out_seen > 20
+    assert held_out_seen > 15
