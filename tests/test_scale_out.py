@@ -132,6 +132,13 @@ def test_merge_refuses_parts_of_another_dataset(npz, tmp_path):
             str(tmp_path / "b"), progress=False)
     with pytest.raises(UserError, match="train_labels fingerprint differs"):
         merge_runs([a, b], str(tmp_path / "merged"))
+    reordered = str(tmp_path / "reordered.npz")
+    rewrite(npz, reordered, x_train=lambda a: a["x_train"][::-1],
+            y_train=lambda a: a["y_train"][::-1])
+    c = run(config_for(reordered, model_range="2:4", models_per_wave=0, epochs=1, eval_every=1),
+            str(tmp_path / "c"), progress=False)
+    with pytest.raises(UserError, match="train_images fingerprint differs"):
+        merge_runs([a, c], str(tmp_path / "merged"))
     with pytest.raises(UserError, match="train_labels fingerprint differs"):
         load_run(a, dataset=load(changed))
     assert load_run(a, dataset=load(npz)).config["fingerprints"]["train_labels"]
