@@ -40,6 +40,22 @@ def conv2d(x, kernel, strides: int, impl: str):
     return columns @ kernel.reshape(kh * kw * ci, co)
 
 
+def max_pool_2x2(x):
+    """2x2 max-pool, stride 2, 'VALID' (odd sizes drop the last row/column, as nn.max_pool).
+
+    x [B,H,W,C] -> [B,H//2,W//2,C]. Written as reshape + max instead of `nn.max_pool`: its
+    backward is an elementwise compare-and-select, while reduce_window's backward is
+    select_and_scatter, slow on CPU (M=4 x 128 x 32x32x64 fwd+bwd under vmap: 849 ms vs
+    ~170 ms; BENCHMARKS.md). Same outputs; the same gradients except at exact ties inside a
+    window, which a 'max' leaves undefined (here they share the gradient equally; after a ReLU
+    tied zeros get zero gradient either way).
+    """
+    batch, height, width, channels = x.shape
+    height, width = height // 2 * 2, width // 2 * 2
+    x = x[:, :height, :width]
+    return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+
+
 class Conv(nn.Module):
     """'SAME' convolution with the parameter layout of `flax.linen.Conv` and a chosen lowering."""
 

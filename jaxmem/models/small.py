@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxmem.models.layers import BatchNorm, Conv
+from jaxmem.models.layers import BatchNorm, Conv, max_pool_2x2
 
 
 class TinyCNN(nn.Module):
@@ -23,6 +23,6 @@ class TinyCNN(nn.Module):
             x = Conv(width, impl=self.conv_impl, dtype=self.dtype)(x)
             x = nn.relu(BatchNorm()(x, train, mask))
             if depth == 1 and min(x.shape[1:3]) >= 2:
-                x = nn.max_pool(x, (2, 2), (2, 2))
+                x = max_pool_2x2(x)
         x = x.mean(axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

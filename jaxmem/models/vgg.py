@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxmem.models.layers import BatchNorm, Conv
+from jaxmem.models.layers import BatchNorm, Conv, max_pool_2x2
 
 LAYOUTS: dict[str, tuple[int | str, ...]] = {
     # The paper: "64 -> MaxPool -> 64 -> MaxPool -> ... -> 512 -> MaxPool -> FC", ~0.5M params.
@@ -51,7 +51,7 @@ class VGG(nn.Module):
         for item in self.layout:
             if item == "M":
                 if min(x.shape[1:3]) >= 2:
-                    x = nn.max_pool(x, (2, 2), (2, 2))
+                    x = max_pool_2x2(x)
                 continue
             x = Conv(item, impl=self.conv_impl, dtype=self.dtype)(x)
             x = nn.relu(BatchNorm()(x, train, mask))

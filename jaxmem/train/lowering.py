@@ -17,6 +17,16 @@ from jaxmem.models.layers import CONV_IMPLS
 from jaxmem.train.ensemble import STRATEGIES
 
 # backend -> (conv_impl, ensemble strategy)
+# cpu (2-core AMD EPYC, AVX2, loaded by other jobs, load avg 2-5; BENCHMARKS.md): one conv
+# 128x16x16x64->64 fwd+bwd for M=4 models: "xla"+vmap (grouped conv) 2.5-4.0 GFLOP/s,
+# "im2col"+vmap 20-43, "im2col"+unroll 23-32, single-model "xla" 8-20. Whole small_vgg step
+# (M=4, B=128): im2col+vmap 9.6 GFLOP/s vs 14-17 for one model at a time, so no lowering beats
+# sequential yet on this CPU; im2col+vmap is still the best ensemble lowering measured.
+# tiny_cnn (M=4, B=128, load ~4): im2col+vmap 180 model-ex/s vs 134 sequential (im2col), 73 (xla).
+# small_vgg M=4 step, other lowerings: im2col+unroll 69 model-ex/s (load 5.4), xla+unroll 75
+# (load 4.3), vs im2col+vmap 49 (load 4.7): unroll wins at M=4, but it compiles one program
+# copy per model (a default 32-model wave), so "auto" stays vmap until re-measured idle.
+# gpu/tpu: not measured here; lax convs are what those compilers optimise.
 BEST = {
     "cpu": ("im2col", "vmap"),
     "gpu": ("xla", "vmap"),

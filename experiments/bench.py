@@ -1,0 +1,300 @@
+"""Ensemble training throughput against its peers, on the current backend, in one process.
+
+    python experiments/bench.py --arch=small_vgg --models=8 --batch-size=256 --json=bench.json
+
+takes ~3 min on an idle 2-core CPU and 5-10 min when other jobs load it (compiles dominate;
+--seconds of timing per variant). Result measured so far (M=4, B=128, load avg 4-5;
+BENCHMARKS.md): sequential 88 model-examples/s at 17 GFLOP/s, ensemble im2col/vmap 49 at
+9.6 GFLOP/s (0.56x sequential), matmul peak 47.5 GFLOP/s under that load (84-88 at load ~2).
+
+Variants, each timed for --seconds after compiling:
+  (a) ensemble   jaxmem's step as the trainer runs it (Ensemble(...).train_step: on-device
+                 dataset and batch gather, masks, per-model augmentation, donated states), with
+                 the lowering of --conv-impl/--ensemble ("auto" = jaxmem.train.lowering.BEST);
+  (b) sequential the same M models one after another with ONE jitted single-model step (no
+                 model axis at all); timed with conv "xla" and with the ensemble's conv impl,
+                 and the faster of the two is the baseline (the honest one);
+  (c) vmap       plain `jax.vmap` of the single-model step with lax convs ("xla"/"vmap");
+  (d) matmul     the backend's dense matmul peak (4096^2, float32; bfloat16 on GPU/TPU);
+  plus evaluation: Ensemble.evaluate (forward only, running BatchNorm statistics).
+GFLOP/s = XLA's cost analysis of the compiled step (flops) / measured step time.
+--sweep=1,2,4,8,16 repeats (a) for each number of models per wave (throughput vs M).
+Images: random uint8 32x32x3, 10 classes (--dataset=NAME uses a registered dataset instead).
+The process re-executes itself once with the allocator settings of
+`jaxmem.train.lowering.process_env()` (on a VM, page faults on fresh buffers cost more than
+the convolutions otherwise); --no-tune-env measures without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from jaxmem.train import lowering
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="small_vgg")
+    parser.add_argument("--models", type=int, default=4, help="models per wave (M)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--conv-impl", default="auto")
+    parser.add_argument("--ensemble", default="auto")
+    parser.add_argument("--sweep", default="", help="comma-separated M values, e.g. 1,2,4,8,16")
+    parser.add_argument("--dataset", default=None, help="registered dataset instead of random")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per variant")
+    parser.add_argument("--eval-batch-size", type=int, default=512)
+    parser.add_argument("--skip", default="", help="comma-separated: sequential,vmap,eval,matmul")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--no-tune-env", action="store_true",
+                        help="do not re-execute with lowering.process_env()")
+    return parser.parse_args(argv)
+
+
+def timed(fn, seconds: float, min_calls: int = 3) -> float:
+    """Median-free steady state: seconds per call over >= min_calls calls and >= `seconds`."""
+    import jax
+
+    jax.block_until_ready(fn())  # warm-up (compiled already; first call allocates)
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < seconds:
+        out = fn()
+        calls += 1
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls
+
+
+def compiled_flops(jitted, *args) -> float:
+    cost = jitted.lower(*args).compile().cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+class Bench:
+    """Builds the specs, data and functions shared by every variant."""
+
+    def __init__(self, args):
+        import jax
+        import jax.numpy as jnp
+
+        from jaxmem import data
+        from jaxmem.config import Config
+        from jaxmem.data.dataset import Dataset
+        from jaxmem.train import loop
+
+        self.args, self.jax, self.jnp = args, jax, jnp
+        batch = args.batch_size
+        if args.dataset:
+            dataset = data.load(args.dataset)
+        else:
+            rng = np.random.default_rng(0)
+            n = 8 * batch
+            dataset = Dataset("random", rng.integers(0, 256, (n, 32, 32, 3), np.uint8),
+                              rng.integers(0, 10, n).astype(np.int32),
+                              rng.integers(0, 256, (batch, 32, 32, 3), np.uint8),
+                              rng.integers(0, 10, batch).astype(np.int32), 10,
+                              (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True, 4)
+        self.dataset = dataset
+        self.steps = max(dataset.num_train // batch, 1)
+        self.conv_impl, self.strategy = lowering.resolve(args.conv_impl, args.ensemble)
+        self.config = Config(arch=args.arch, batch_size=batch, dtype=args.dtype,
+                             conv_impl=self.conv_impl, ensemble=self.strategy)
+        self.spec = loop.build_spec(self.config, dataset, self.steps)
+        self.x = jax.device_put(dataset.x_train)
+        self.y = jax.device_put(dataset.y_train)
+        self.order = loop.epoch_order(0, 0, dataset.num_train, self.steps, batch)
+
+    def spec_with(self, conv_impl: str):
+        import dataclasses
+
+        from jaxmem.train import loop
+
+        config = dataclasses.replace(self.config, conv_impl=conv_impl)
+        return loop.build_spec(config, self.dataset, self.steps)
+
+    def ensemble_step(self, num_models: int, spec, strategy: str) -> dict:
+        """Time Ensemble.train_step (and Ensemble.evaluate) for M models."""
+        jax, jnp = self.jax, self.jnp
+        from jaxmem.train import keys
+        from jaxmem.train.ensemble import Ensemble
+        from jaxmem.train.masks import subset_masks
+
+        ensemble = Ensemble(spec, self.dataset.image_shape, self.args.batch_size,
+                            strategy=strategy)
+        indices = np.arange(num_models)
+        masks = jax.device_put(subset_masks(0, indices, self.dataset.num_train, 0.7),
+                               ensemble.model_sharding)
+        states = ensemble.init(jax.device_put(
+            jax.random.key_data(keys.model_keys(0, keys.INIT, indices)), ensemble.model_sharding))
+        aug = jax.device_put(jax.random.key_data(keys.model_keys(0, keys.AUGMENT, indices)),
+                             ensemble.model_sharding)
+        totals = jax.device_put(jnp.zeros((num_models, 3), jnp.float32), ensemble.model_sharding)
+        tic = time.perf_counter()
+        flops = compiled_flops(ensemble.train_step, states, totals, masks, aug, self.x, self.y,
+                               self.order, 0)
+        holder = {"states": states, "totals": totals, "step": 0}
+
+        def run():
+            holder["states"], holder["totals"] = ensemble.train_step(
+                holder["states"], holder["totals"], masks, aug, self.x, self.y, self.order,
+                holder["step"] % self.steps)
+            holder["step"] += 1
+            return holder["totals"]
+
+        jax.block_until_ready(run())
+        compile_s = time.perf_counter() - tic
+        load_before = load_average()
+        seconds = timed(run, self.args.seconds)
+        result = self._row(num_models, seconds, flops, load_before)
+        result["compile_s"] = compile_s
+        if "eval" not in self.args.skip:
+            ids = jnp.arange(self.args.eval_batch_size, dtype=jnp.int32) % self.dataset.num_train
+            ev = lambda: ensemble.evaluate(holder["states"], self.x, self.y, ids)  # noqa: E731
+            eval_seconds = timed(ev, self.args.seconds / 2)
+            result["eval_model_examples_per_s"] = (
+                num_models * self.args.eval_batch_size / eval_seconds)
+        return result
+
+    def single_step(self, spec) -> dict:
+        """One jitted single-model step (no model axis), gathering its batch on device."""
+        jax, jnp = self.jax, self.jnp
+        from jaxmem.train import step as step_lib
+        from jaxmem.train.masks import subset_masks
+
+        batch, num = self.args.batch_size, self.dataset.num_train
+        mask = jnp.asarray(subset_masks(0, [0], num, 0.7)[0])
+        state = step_lib.init_state(spec, jax.random.key(0), self.dataset.image_shape)
+        aug_key = jax.random.key(1)
+
+        def one(state, step):
+            ids = jax.lax.dynamic_slice(self.order, (step * batch,), (batch,))
+            valid = ids < num
+            ids = jnp.minimum(ids, num - 1)
+            weights = (mask[ids] & valid).astype(jnp.float32)
+            return step_lib.train_step(spec, state, self.x[ids], self.y[ids], ids, weights,
+                                       aug_key)
+
+        jitted = jax.jit(one, donate_argnums=(0,))
+        flops = compiled_flops(jitted, state, 0)
+        holder = {"state": state, "step": 0}
+
+        def run():
+            holder["state"], stats = jitted(holder["state"], holder["step"] % self.steps)
+            holder["step"] += 1
+            return stats
+
+        load_before = load_average()
+        seconds = timed(run, self.args.seconds)
+        return {"seconds_per_model_step": seconds, "flops_per_model_step": flops,
+                "load_avg": load_before}
+
+    def _row(self, num_models, seconds, flops, load_before) -> dict:
+        return {"models": num_models, "ms_per_step": 1e3 * seconds,
+                "model_examples_per_s": num_models * self.args.batch_size / seconds,
+                "gflops": flops / seconds / 1e9, "flops_per_step": flops,
+                "load_avg": max(load_before, load_average())}
+
+    def matmul_peak(self) -> float:
+        jax, jnp = self.jax, self.jnp
+        dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        n = 4096 if jax.default_backend() == "cpu" else 8192
+        a = jnp.ones((n, n), dtype)
+        f = jax.jit(lambda a: a @ a)
+        return 2 * n ** 3 / timed(lambda: f(a), self.args.seconds / 2) / 1e9
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.no_tune_env:
+        lowering.reexec_with_process_env()
+    import jax
+
+    bench = Bench(args)
+    sweep = [int(m) for m in args.sweep.split(",") if m] or [args.models]
+    if args.models not in sweep:
+        sweep.append(args.models)
+    backend = jax.default_backend()
+    print(f"# {args.arch} batch {args.batch_size} {args.dtype} on {backend} "
+          f"({jax.device_count()} device(s)); lowering {bench.conv_impl}/{bench.strategy}; "
+          f"load avg {load_average():.2f}", flush=True)
+    results = {"arch": args.arch, "batch_size": args.batch_size, "dtype": args.dtype,
+               "backend": backend, "conv_impl": bench.conv_impl, "ensemble": bench.strategy,
+               "process_env": {k: os.environ.get(k) for k in lowering.process_env()},
+               "sweep": []}
+    header = f"{'variant':<34}{'M':>4}{'ms/step':>10}{'model-ex/s':>12}{'GFLOP/s':>9}{'load':>6}"
+    print(header, flush=True)
+
+    def show(name, row):
+        print(f"{name:<34}{row['models']:>4}{row['ms_per_step']:>10.1f}"
+              f"{row['model_examples_per_s']:>12.0f}{row['gflops']:>9.1f}{row['load_avg']:>6.2f}",
+              flush=True)
+
+    if "matmul" not in args.skip:
+        results["matmul_peak_gflops"] = bench.matmul_peak()
+        print(f"{'matmul peak':<34}{'':>4}{'':>10}{'':>12}{results['matmul_peak_gflops']:>9.1f}"
+              f"{load_average():>6.2f}", flush=True)
+    singles = {}
+    if "sequential" not in args.skip:
+        for impl in dict.fromkeys(("xla", bench.conv_impl)):
+            singles[impl] = bench.single_step(bench.spec_with(impl))
+            row = bench._row(1, singles[impl]["seconds_per_model_step"],
+                             singles[impl]["flops_per_model_step"], singles[impl]["load_avg"])
+            show(f"sequential single ({impl})", row)
+        best = min(singles, key=lambda k: singles[k]["seconds_per_model_step"])
+        results["sequential"] = {"conv_impl": best, "per_impl": singles}
+    for num_models in sweep:
+        row = bench.ensemble_step(num_models, bench.spec, bench.strategy)
+        if singles:
+            single = singles[results["sequential"]["conv_impl"]]
+            row["ensemble_over_sequential"] = (
+                single["seconds_per_model_step"] * num_models / (row["ms_per_step"] / 1e3))
+        show(f"ensemble {bench.conv_impl}/{bench.strategy}", row)
+        results["sweep"].append(row)
+    main_row = next(r for r in results["sweep"] if r["models"] == args.models)
+    results.update(model_examples_per_s=main_row["model_examples_per_s"],
+                   ensemble_gflops=main_row["gflops"], models=args.models,
+                   load_avg=main_row["load_avg"],
+                   eval_model_examples_per_s=main_row.get("eval_model_examples_per_s"))
+    if singles:
+        single = singles[results["sequential"]["conv_impl"]]
+        seq_seconds = single["seconds_per_model_step"] * args.models
+        results["sequential_gflops"] = single["flops_per_model_step"] / (
+            single["seconds_per_model_step"] * 1e9)
+        results["sequential_model_examples_per_s"] = args.models * args.batch_size / seq_seconds
+        results["ensemble_over_sequential"] = main_row["ensemble_over_sequential"]
+        show(f"sequential single ({results['sequential']['conv_impl']}) x M",
+             bench._row(args.models, seq_seconds, single["flops_per_model_step"] * args.models,
+                        single["load_avg"]))
+    if "vmap" not in args.skip:
+        row = bench.ensemble_step(args.models, bench.spec_with("xla"), "vmap")
+        show("plain jax.vmap (xla conv)", row)
+        results["vmap_gflops"] = row["gflops"]
+        results["vmap_model_examples_per_s"] = row["model_examples_per_s"]
+    if "matmul_peak_gflops" in results:
+        results["fraction_of_matmul_peak"] = (results["ensemble_gflops"]
+                                              / results["matmul_peak_gflops"])
+    summary = {k: results.get(k) for k in (
+        "model_examples_per_s", "ensemble_over_sequential", "ensemble_gflops",
+        "sequential_gflops", "vmap_gflops", "matmul_peak_gflops", "fraction_of_matmul_peak",
+        "eval_model_examples_per_s")}
+    print("# " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in summary.items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
