@@ -46,13 +46,6 @@ def test_unrolled_mapping_equals_vmap(one_wave):
     assert_same_results(one_wave, unrolled)
 
 
-def test_model_range_trains_the_same_models(one_wave):
-    part = train_ensemble(Config(**CONFIG), DATASET, model_indices=[1, 2], progress=False)
-    np.testing.assert_array_equal(part.masks, one_wave.masks[1:])
-    np.testing.assert_allclose(part.train_loss, one_wave.train_loss[:, 1:], rtol=1e-4,
-                               atol=1e-5)
-
-
 def test_wave_slices_pad_to_the_device_count():
     assert wave_slices(10, 4, 4) == [(0, 4, 4), (4, 8, 4), (8, 10, 4)]
     assert wave_slices(5, 0, 2) == [(0, 5, 6)]
@@ -68,7 +61,7 @@ FOUR_DEVICES = textwrap.dedent("""
     from jaxmem.train import keys
     assert len(jax.devices()) == 4
     dataset = make(seed=2, sizes=(1, 2, 4, 8))
-    config = dict(arch="tiny_cnn", num_models=4, epochs=2, batch_size=64, eval_every=1,
+    config = dict(arch="tiny_cnn", num_models=4, epochs=1, batch_size=64, eval_every=1,
                   seed=3, translate=1)
     four = train_ensemble(Config(**config), dataset, progress=False)
     padded_waves = train_ensemble(Config(**config, models_per_wave=2), dataset, progress=False)

@@ -10,7 +10,7 @@ from jaxmem.models.layers import CONV_IMPLS, BatchNorm, conv2d, max_pool_2x2
 
 
 @pytest.mark.parametrize("shape,kernel,strides", [
-    ((2, 8, 8, 3), 3, 1), ((2, 7, 9, 4), 3, 2), ((1, 8, 8, 2), 1, 1), ((2, 6, 6, 3), 5, 2)])
+    ((2, 8, 8, 3), 3, 1), ((2, 7, 9, 4), 3, 2), ((1, 8, 8, 2), 1, 1)])
 def test_conv_impls_agree_in_value_and_gradient(shape, kernel, strides):
     x = jax.random.normal(jax.random.key(0), shape)
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, shape[-1], 5))
