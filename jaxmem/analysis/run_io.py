@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ class Run:
         return self._array("correct_test.npy")
 
     def _array(self, name: str) -> np.ndarray:
-        return _load_npy(os.path.join(self.path, name))
+        return np.load(os.path.join(self.path, name), mmap_mode="r")
 
     def correct_by_epoch(self, split: str = "train") -> np.ndarray:
         """[E, K, N] bool correctness at every evaluated epoch (split 'train' or 'test')."""
@@ -71,11 +70,6 @@ class Run:
         if epoch not in epochs:
             raise UserError(f"epoch {epoch} was not evaluated; evaluated epochs: {epochs}")
         return self.scores["memorization_by_epoch"][epochs.index(epoch)]
-
-
-@functools.lru_cache(maxsize=32)
-def _load_npy(path: str) -> np.ndarray:
-    return np.load(path, mmap_mode="r")
 
 
 def load_run(path: str, dataset=None) -> Run:
