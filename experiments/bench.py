@@ -9,8 +9,9 @@ BENCHMARKS.md): sequential 88 model-examples/s at 17 GFLOP/s, ensemble im2col/vm
 
 Variants, each timed for --seconds after compiling:
   (a) ensemble   jaxmem's step as the trainer runs it (Ensemble(...).train_step: on-device
-                 dataset and batch gather, masks, per-model augmentation, donated states), with
-                 the lowering of --conv-impl/--ensemble ("auto" = jaxmem.train.lowering.BEST);
+                 dataset, each model's batch gathered from its own subset, per-model
+                 augmentation, donated states), with the lowering of --conv-impl/--ensemble
+                 ("auto" = jaxmem.train.lowering.BEST);
   (b) sequential the same M models one after another with ONE jitted single-model step (no
                  model axis at all); timed with conv "xla" and with the ensemble's conv impl,
                  and the faster of the two is the baseline (the honest one);
@@ -106,14 +107,25 @@ class Bench:
                               rng.integers(0, 10, batch).astype(np.int32), 10,
                               (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True, 4)
         self.dataset = dataset
-        self.steps = max(dataset.num_train // batch, 1)
+        from jaxmem.train.masks import subset_masks, subset_size
+
+        self.steps = max(subset_size(dataset.num_train, 0.7) // batch, 1)
         self.conv_impl, self.strategy = lowering.resolve(args.conv_impl, args.ensemble)
         self.config = Config(arch=args.arch, batch_size=batch, dtype=args.dtype,
                              conv_impl=self.conv_impl, ensemble=self.strategy)
         self.spec = loop.build_spec(self.config, dataset, self.steps)
         self.x = jax.device_put(dataset.x_train)
         self.y = jax.device_put(dataset.y_train)
-        self.order = loop.epoch_order(0, 0, dataset.num_train, self.steps, batch)
+        self.masks = subset_masks(0, np.arange(max(self.sweep_sizes(args))), dataset.num_train,
+                                  0.7)
+        # [M, S*B]: each model's own epoch order (as the trainer draws it)
+        self.orders = loop.model_orders(0, np.arange(len(self.masks)), self.masks, 0,
+                                        self.steps, batch)
+
+    @staticmethod
+    def sweep_sizes(args) -> list[int]:
+        sweep = [int(m) for m in args.sweep.split(",") if m] or [args.models]
+        return sweep if args.models in sweep else [*sweep, args.models]
 
     def spec_with(self, conv_impl: str):
         import dataclasses
@@ -128,26 +140,24 @@ class Bench:
         jax, jnp = self.jax, self.jnp
         from jaxmem.train import keys
         from jaxmem.train.ensemble import Ensemble
-        from jaxmem.train.masks import subset_masks
 
         ensemble = Ensemble(spec, self.dataset.image_shape, self.args.batch_size,
                             strategy=strategy)
         indices = np.arange(num_models)
-        masks = jax.device_put(subset_masks(0, indices, self.dataset.num_train, 0.7),
-                               ensemble.model_sharding)
+        orders = jax.device_put(self.orders[:num_models], ensemble.model_sharding)
         states = ensemble.init(jax.device_put(
             jax.random.key_data(keys.model_keys(0, keys.INIT, indices)), ensemble.model_sharding))
         aug = jax.device_put(jax.random.key_data(keys.model_keys(0, keys.AUGMENT, indices)),
                              ensemble.model_sharding)
         totals = jax.device_put(jnp.zeros((num_models, 3), jnp.float32), ensemble.model_sharding)
         tic = time.perf_counter()
-        flops = compiled_flops(ensemble.train_step, states, totals, masks, aug, self.x, self.y,
-                               self.order, 0)
+        flops = compiled_flops(ensemble.train_step, states, totals, orders, aug, self.x, self.y,
+                               0)
         holder = {"states": states, "totals": totals, "step": 0}
 
         def run():
             holder["states"], holder["totals"] = ensemble.train_step(
-                holder["states"], holder["totals"], masks, aug, self.x, self.y, self.order,
+                holder["states"], holder["totals"], orders, aug, self.x, self.y,
                 holder["step"] % self.steps)
             holder["step"] += 1
             return holder["totals"]
@@ -167,21 +177,20 @@ class Bench:
         return result
 
     def single_step(self, spec) -> dict:
-        """One jitted single-model step (no model axis), gathering its batch on device."""
+        """One jitted single-model step (no model axis), gathering its batch from its own subset
+        on device: how one would train the models one by one without jaxmem."""
         jax, jnp = self.jax, self.jnp
         from jaxmem.train import step as step_lib
-        from jaxmem.train.masks import subset_masks
 
         batch, num = self.args.batch_size, self.dataset.num_train
-        mask = jnp.asarray(subset_masks(0, [0], num, 0.7)[0])
+        order = self.orders[0]
         state = step_lib.init_state(spec, jax.random.key(0), self.dataset.image_shape)
         aug_key = jax.random.key(1)
 
         def one(state, step):
-            ids = jax.lax.dynamic_slice(self.order, (step * batch,), (batch,))
-            valid = ids < num
+            ids = jax.lax.dynamic_slice(order, (step * batch,), (batch,))
+            weights = (ids < num).astype(jnp.float32)
             ids = jnp.minimum(ids, num - 1)
-            weights = (mask[ids] & valid).astype(jnp.float32)
             return step_lib.train_step(spec, state, self.x[ids], self.y[ids], ids, weights,
                                        aug_key)
 
@@ -221,9 +230,7 @@ def main(argv=None) -> int:
     import jax
 
     bench = Bench(args)
-    sweep = [int(m) for m in args.sweep.split(",") if m] or [args.models]
-    if args.models not in sweep:
-        sweep.append(args.models)
+    sweep = Bench.sweep_sizes(args)
     backend = jax.default_backend()
     print(f"# {args.arch} batch {args.batch_size} {args.dtype} on {backend} "
           f"({jax.device_count()} device(s)); lowering {bench.conv_impl}/{bench.strategy}; "

@@ -9,6 +9,8 @@
 import sys
 
 from jaxmem.cli import main
+from jaxmem.train import lowering
 
 if __name__ == "__main__":
+    lowering.reexec_with_process_env()  # allocator settings: BENCHMARKS.md
     sys.exit(main())

@@ -26,7 +26,7 @@ class Config:
     seed: int = setting(0, "seed of masks, inits, augmentation and batch order")
     # optimisation (the paper: SGD + momentum, triangular schedule peaking at 0.4, wd 5e-4, b 512)
     epochs: int = setting(12, "training epochs")
-    batch_size: int = setting(512, "examples per shared batch (held-out ones get weight 0)")
+    batch_size: int = setting(512, "examples per batch, drawn by each model from its own subset")
     lr: float = setting(0.4, "peak learning rate of the triangular schedule")
     lr_peak_fraction: float = setting(0.25, "share of training spent rising to the peak lr")
     momentum: float = setting(0.9, "SGD (Nesterov) momentum")

@@ -18,6 +18,11 @@ from jaxmem.errors import UserError
 EXECUTION_SETTINGS = ("data_dir", "eval_batch_size", "models_per_wave", "conv_impl", "ensemble",
                       "model_range", "until_se", "drop_diverged")
 
+# How models are trained from the settings; bump it when the same settings give other results
+# (2: each model draws its batches from its own subset instead of masking shared batches), so
+# that resume and merge refuse parts trained the old way.
+TRAINING_SCHEME = 2
+
 
 def array_hash(array) -> str:
     array = np.ascontiguousarray(array)
@@ -34,6 +39,7 @@ def dataset_fingerprints(dataset) -> dict[str, str]:
 
 def settings_hash(settings: dict) -> str:
     relevant = {k: v for k, v in sorted(settings.items()) if k not in EXECUTION_SETTINGS}
+    relevant["training_scheme"] = TRAINING_SCHEME
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,8 +1,10 @@
 """DESIGN property 1: a held-out example has zero influence on the model that holds it out.
 
-Training model k with its mask on the shared full batches must equal training it on the same
-batches with its held-out examples physically removed: parameters, BatchNorm statistics and
-optimiser state, with augmentation on.
+The ensemble trains each model on batches it draws from its own subset of the shared on-device
+dataset. Model k trained that way must equal model k trained alone on the physically subsetted
+dataset (parameters, BatchNorm statistics, optimiser state; augmentation on; through the epoch's
+padded last batch), and changing the images and labels of k's held-out examples must not change
+model k at all.
 """
 
 import jax
@@ -13,54 +15,73 @@ from jaxmem.config import Config
 from jaxmem.data.synthetic import make
 from jaxmem.train import keys
 from jaxmem.train.ensemble import Ensemble, make_mesh
-from jaxmem.train.loop import build_spec, epoch_order
-from jaxmem.train.masks import subset_masks
+from jaxmem.train.loop import build_spec, model_orders
+from jaxmem.train.masks import subset_masks, subset_size
 from jaxmem.train.step import init_state, train_step
 
-SEED, BATCH, STEPS = 5, 64, 2  # the first 2 of the epoch's 5 steps
+SEED, BATCH, MODELS = 5, 64, np.array([0, 1])
 
 
-def test_masked_training_equals_training_on_the_subset():
-    dataset = make(seed=1, sizes=(1, 2, 4, 8, 16))  # 310 examples, 8x8x1
+def leaves(state):
+    return jax.tree_util.tree_leaves_with_path(state)
+
+
+def test_ensemble_training_equals_training_on_the_physical_subset():
+    dataset = make(seed=1, sizes=(1, 2, 4, 8, 16))  # 310 examples, 8x8x1; subsets of 217
+    num = dataset.num_train
+    steps = -(-subset_size(num, 0.7) // BATCH)  # 4 steps, the last with 25 examples
     config = Config(arch="tiny_cnn", batch_size=BATCH, lr=0.2, epochs=1, flip=True, translate=1,
                     seed=SEED)
-    steps_per_epoch = -(-dataset.num_train // BATCH)
-    spec = build_spec(config, dataset, steps_per_epoch)
+    spec = build_spec(config, dataset, steps)
     assert spec.flip and spec.translate == 1
     ensemble = Ensemble(spec, dataset.image_shape, BATCH, make_mesh(), "vmap")
-    model_indices = np.array([0, 1])
-    masks = subset_masks(SEED, model_indices, dataset.num_train, config.subset_ratio)
-    x, y = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
-    states = ensemble.init(jax.random.key_data(keys.model_keys(SEED, keys.INIT, model_indices)))
+    masks = subset_masks(SEED, MODELS, num, config.subset_ratio)
+    orders = model_orders(SEED, MODELS, masks, 0, steps, BATCH)
     aug_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(
-        keys.model_keys(SEED, keys.AUGMENT, model_indices))
-    order = epoch_order(SEED, 0, dataset.num_train, steps_per_epoch, BATCH)
-    totals = jnp.zeros((2, 3))
-    for step in range(STEPS):
-        states, totals = ensemble.train_step(states, totals, jnp.asarray(masks),
-                                             jax.random.key_data(aug_keys), x, y, order, step)
+        keys.model_keys(SEED, keys.AUGMENT, MODELS))
 
-    # Model 1 (second in the ensemble) trained alone on the physically subsetted batches.
+    def train_ensemble(images, labels):
+        states = ensemble.init(jax.random.key_data(keys.model_keys(SEED, keys.INIT, MODELS)))
+        totals = jnp.zeros((len(MODELS), 3))
+        for step in range(steps):
+            states, totals = ensemble.train_step(states, totals, orders,
+                                                 jax.random.key_data(aug_keys),
+                                                 jnp.asarray(images), jnp.asarray(labels), step)
+        return states, np.asarray(totals)
+
+    states, totals = train_ensemble(dataset.x_train, dataset.y_train)
+
+    # Model 1 trained alone on a dataset that holds only its subset, in its own order.
     k = 1
+    members = np.flatnonzero(masks[k])
+    x_sub, y_sub = dataset.x_train[members], dataset.y_train[members]
     single = init_state(spec, keys.model_keys(SEED, keys.INIT, [k])[0], dataset.image_shape)
     step_fn = jax.jit(lambda s, xb, yb, ids, w: train_step(spec, s, xb, yb, ids, w, aug_keys[k]))
-    order_np = np.asarray(order)
-    trained = 0
-    for step in range(STEPS):
-        ids = order_np[step * BATCH:(step + 1) * BATCH]
-        ids = ids[masks[k, ids]]
-        trained += len(ids)
-        single, _ = step_fn(single, x[ids], y[ids], jnp.asarray(ids), jnp.ones(len(ids)))
+    order = np.asarray(orders[k])
+    assert sorted(order[order < num]) == list(members)  # one epoch = the subset, once each
+    for step in range(steps):
+        ids = order[step * BATCH:(step + 1) * BATCH]
+        ids = ids[ids < num]
+        where = np.searchsorted(members, ids)
+        single, _ = step_fn(single, x_sub[where], y_sub[where], jnp.asarray(ids),
+                            jnp.ones(len(ids)))
+    assert len(ids) == 25  # the last batch was padded, and the padding had no effect
+    assert totals[k, 2] == len(members)  # the ensemble counted exactly the subset
 
-    assert trained == int(np.asarray(totals)[k, 2])  # the ensemble counted the same examples
     mine = jax.tree.map(lambda leaf: leaf[k], states)
-    flat_mine = jax.tree_util.tree_leaves_with_path(mine)
     flat_single = jax.tree.leaves(single)
-    assert len(flat_mine) == len(flat_single)
-    for (path, got), want in zip(flat_mine, flat_single, strict=True):
+    assert len(leaves(mine)) == len(flat_single)
+    for (path, got), want in zip(leaves(mine), flat_single, strict=True):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5,
                                    err_msg=jax.tree_util.keystr(path))
-    # and the held-out examples really were in the batches (the test is not vacuous)
-    held_out_seen = sum((~masks[k, order_np[s * BATCH:(s + 1) * BATCH]]).sum()
-                        for s in range(STEPS))
-    assert held_out_seen > 15
+
+    # Rewrite every example model 1 holds out: model 1 stays the same, model 0 changes.
+    held_out = ~masks[k]
+    images, labels = dataset.x_train.copy(), dataset.y_train.copy()
+    images[held_out] = 255 - images[held_out]
+    labels[held_out] = (labels[held_out] + 1) % dataset.num_classes
+    changed, _ = train_ensemble(images, labels)
+    for (path, got), want in zip(leaves(changed), jax.tree.leaves(states), strict=True):
+        np.testing.assert_array_equal(got[k], want[k], err_msg=jax.tree_util.keystr(path))
+    assert any(not np.array_equal(got[0], want[0])
+               for (_, got), want in zip(leaves(changed), jax.tree.leaves(states), strict=True))

@@ -145,7 +145,7 @@ def test_merge_refuses_parts_of_another_dataset(npz, tmp_path):
 
 
 def test_divergence_stops_with_model_indices_or_is_dropped(npz, tmp_path):
-    diverging = config_for(npz, lr=1e30, epochs=1, eval_every=1, models_per_wave=0)
+    diverging = config_for(npz, lr=1e30, epochs=2, eval_every=1, models_per_wave=0)
     out = str(tmp_path / "nan")
     with pytest.raises(DivergedError, match=r"models 0, 1, 2, 3 diverged .* checkpoints"):
         run(diverging, out, progress=False)

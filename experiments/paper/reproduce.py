@@ -192,4 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxmem.train import lowering
+
+    lowering.reexec_with_process_env()  # allocator settings: BENCHMARKS.md
     sys.exit(main())

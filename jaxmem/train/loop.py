@@ -1,4 +1,4 @@
-"""The run loop: waves of models, epochs of shared batches, evaluation at chosen epochs.
+"""The run loop: waves of models, epochs of per-model batches, evaluation at chosen epochs.
 
 Returns everything the estimator needs (masks and correctness), not only the scores. With a
 `WorkDir` every finished wave and every epoch of the wave in progress are saved, so a killed run
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import time
 
@@ -25,7 +26,7 @@ from jaxmem.errors import UserError
 from jaxmem.train import keys, lowering
 from jaxmem.train.checkpoint import WorkDir
 from jaxmem.train.ensemble import Ensemble, make_mesh
-from jaxmem.train.masks import subset_masks
+from jaxmem.train.masks import subset_masks, subset_size
 from jaxmem.train.optim import make_optimizer
 from jaxmem.train.step import StepSpec
 
@@ -71,12 +72,23 @@ def build_spec(config: Config, dataset: Dataset, steps_per_epoch: int) -> StepSp
                     dataset.mean, dataset.std, flip, translate, config.label_smoothing)
 
 
-def epoch_order(seed: int, epoch: int, num_examples: int, steps: int, batch_size: int):
-    """[steps*B] int32: the shared example order of an epoch (from seed and epoch alone),
-    padded with N (= no example) to whole batches."""
-    key = jax.random.fold_in(keys.purpose_key(seed, keys.ORDER), epoch)
-    order = jax.random.permutation(key, num_examples).astype(jnp.int32)
-    return jnp.pad(order, (0, steps * batch_size - num_examples), constant_values=num_examples)
+def model_orders(seed: int, model_indices, masks, epoch: int, steps: int, batch_size: int):
+    """[M, steps*B] int32: each model's example order for an epoch, its own subset (mask row)
+    shuffled by a key from (seed, model index, epoch) alone, padded with N (= no example) to
+    whole batches. Every row of masks holds the same number of examples (masks.py)."""
+    size = int(np.asarray(masks[0]).sum())
+    order_keys = keys.model_keys(seed, keys.ORDER, np.asarray(model_indices))
+    return _orders(order_keys, jnp.asarray(masks), epoch, size, steps * batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "length"))
+def _orders(order_keys, masks, epoch, size: int, length: int):
+    def one(key, mask):
+        members = jnp.nonzero(mask, size=size)[0].astype(jnp.int32)
+        shuffled = jax.random.permutation(jax.random.fold_in(key, epoch), members)
+        return jnp.pad(shuffled, (0, length - size), constant_values=mask.shape[0])
+
+    return jax.vmap(one)(order_keys, masks)
 
 
 def wave_slices(num_models: int, per_wave: int, num_devices: int) -> list[tuple[int, int, int]]:
@@ -107,9 +119,8 @@ def auto_wave_size(trainer: Trainer, num_models: int) -> int:
     states = jax.eval_shape(trainer.ensemble.init, keys_shape)
     compiled = trainer.ensemble.train_step.lower(
         states, sharded((count, 3), jnp.float32),
-        sharded((count, trainer.dataset.num_train), jnp.bool_), keys_shape, trainer.x_train,
-        trainer.y_train, jnp.zeros(trainer.steps * trainer.config.batch_size, jnp.int32),
-        0).compile()
+        sharded((count, trainer.steps * trainer.config.batch_size), jnp.int32), keys_shape,
+        trainer.x_train, trainer.y_train, 0).compile()
     usage = compiled.memory_analysis()
     per_model = (usage.argument_size_in_bytes + usage.output_size_in_bytes
                  - usage.alias_size_in_bytes + usage.temp_size_in_bytes)
@@ -137,7 +148,9 @@ class Trainer:
 
     def __init__(self, config: Config, dataset: Dataset, devices=None):
         self.config, self.dataset = config, dataset
-        self.steps = math.ceil(dataset.num_train / config.batch_size)
+        # Every model's epoch is its own subset: round(r*N) examples in whole batches.
+        self.steps = math.ceil(subset_size(dataset.num_train, config.subset_ratio)
+                               / config.batch_size)
         _, strategy = lowering.resolve(config.conv_impl, config.ensemble)
         self.mesh = make_mesh(devices)
         self.ensemble = Ensemble(build_spec(config, dataset, self.steps), dataset.image_shape,
@@ -164,7 +177,6 @@ class Trainer:
         real = len(indices)
         rows = np.minimum(np.arange(padded), real - 1)
         wave_indices = indices[rows]
-        wave_masks = jax.device_put(masks[rows], ensemble.model_sharding)
         init_keys = jax.random.key_data(keys.model_keys(config.seed, keys.INIT, wave_indices))
         states = ensemble.init(jax.device_put(init_keys, ensemble.model_sharding))
         if config.init_from:
@@ -179,13 +191,14 @@ class Trainer:
             tic = time.perf_counter()
             aug_keys = jax.device_put(jax.random.key_data(jax.vmap(
                 lambda k, e=epoch: jax.random.fold_in(k, e))(aug_base)), ensemble.model_sharding)
-            order = epoch_order(config.seed, epoch, self.dataset.num_train, self.steps,
-                                config.batch_size)
+            orders = jax.device_put(
+                model_orders(config.seed, wave_indices, masks[rows], epoch, self.steps,
+                             config.batch_size), ensemble.model_sharding)
             totals = jax.device_put(jnp.zeros((padded, 3), jnp.float32), ensemble.model_sharding)
             in_flight = collections.deque()
             for step in range(self.steps):
-                states, totals = ensemble.train_step(states, totals, wave_masks, aug_keys,
-                                                     self.x_train, self.y_train, order, step)
+                states, totals = ensemble.train_step(states, totals, orders, aug_keys,
+                                                     self.x_train, self.y_train, step)
                 # Wait on the metrics of two steps back: the bar shows real progress without
                 # a sync every step.
                 in_flight.append(totals)
