@@ -25,7 +25,7 @@ class Config:
     subset_ratio: float = setting(0.7, "r, the fraction of the training set in each subset")
     seed: int = setting(0, "seed of masks, inits, augmentation and batch order")
     # optimisation (the paper: SGD + momentum, triangular schedule peaking at 0.4, wd 5e-4, b 512)
-    epochs: int = setting(12, "training epochs")
+    epochs: int = setting(18, "training epochs")
     batch_size: int = setting(512, "examples per batch, drawn by each model from its own subset")
     lr: float = setting(0.4, "peak learning rate of the triangular schedule")
     lr_peak_fraction: float = setting(0.25, "share of training spent rising to the peak lr")
@@ -36,7 +36,7 @@ class Config:
     flip: bool | None = setting(None, "random horizontal flips (default: the dataset's)")
     translate: int | None = setting(None, "random translation in pixels (default: the dataset's)")
     # evaluation: every `eval_every` epochs, and always the last
-    eval_every: int = setting(4, "evaluate every model on all examples every this many epochs")
+    eval_every: int = setting(6, "evaluate every model on all examples every this many epochs")
     eval_batch_size: int = setting(1024, "examples per evaluation batch")
     threshold: float = setting(0.25, "score above which an example counts as memorized")
     min_count: int = setting(5, "fewer in- or held-out models than this: the score is NaN")
