@@ -100,7 +100,7 @@ class Bench:
             dataset = data.load(args.dataset)
         else:
             rng = np.random.default_rng(0)
-            n = 8 * batch
+            n = 10 * batch  # subsets of 7 whole batches
             dataset = Dataset("random", rng.integers(0, 256, (n, 32, 32, 3), np.uint8),
                               rng.integers(0, 10, n).astype(np.int32),
                               rng.integers(0, 256, (batch, 32, 32, 3), np.uint8),
@@ -109,7 +109,7 @@ class Bench:
         self.dataset = dataset
         from jaxmem.train.masks import subset_masks, subset_size
 
-        self.steps = max(subset_size(dataset.num_train, 0.7) // batch, 1)
+        self.steps = -(-subset_size(dataset.num_train, 0.7) // batch)
         self.conv_impl, self.strategy = lowering.resolve(args.conv_impl, args.ensemble)
         self.config = Config(arch=args.arch, batch_size=batch, dtype=args.dtype,
                              conv_impl=self.conv_impl, ensemble=self.strategy)
@@ -283,6 +283,7 @@ def main(argv=None) -> int:
         show(f"sequential single ({results['sequential']['conv_impl']}) x M",
              bench._row(args.models, seq_seconds, single["flops_per_model_step"] * args.models,
                         single["load_avg"]))
+    save(results, args.json)  # plain vmap below can take many minutes on CPU (grouped convs)
     if "vmap" not in args.skip:
         row = bench.ensemble_step(args.models, bench.spec_with("xla"), "vmap")
         show("plain jax.vmap (xla conv)", row)
@@ -297,10 +298,14 @@ def main(argv=None) -> int:
         "eval_model_examples_per_s")}
     print("# " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in summary.items()), flush=True)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+    save(results, args.json)
     return 0
+
+
+def save(results: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,15 +17,12 @@ from jaxmem.models.layers import CONV_IMPLS
 from jaxmem.train.ensemble import STRATEGIES
 
 # backend -> (conv_impl, ensemble strategy)
-# cpu (2-core AMD EPYC, AVX2, loaded by other jobs, load avg 2-5; BENCHMARKS.md): one conv
-# 128x16x16x64->64 fwd+bwd for M=4 models: "xla"+vmap (grouped conv) 2.5-4.0 GFLOP/s,
-# "im2col"+vmap 20-43, "im2col"+unroll 23-32, single-model "xla" 8-20. Whole small_vgg step
-# (M=4, B=128): im2col+vmap 9.6 GFLOP/s vs 14-17 for one model at a time, so no lowering beats
-# sequential yet on this CPU; im2col+vmap is still the best ensemble lowering measured.
-# tiny_cnn (M=4, B=128, load ~4): im2col+vmap 180 model-ex/s vs 134 sequential (im2col), 73 (xla).
-# small_vgg M=4 step, other lowerings: im2col+unroll 69 model-ex/s (load 5.4), xla+unroll 75
-# (load 4.3), vs im2col+vmap 49 (load 4.7): unroll wins at M=4, but it compiles one program
-# copy per model (a default 32-model wave), so "auto" stays vmap until re-measured idle.
+# cpu (2-core AMD EPYC, AVX2, idle; BENCHMARKS.md): one conv 128x16x16x64->64 fwd+bwd, GFLOP/s
+# one model / vmap M=4 / unroll M=4: "xla" 18.0 / 3.4 (grouped conv) / 24.2, "im2col" 54.4 /
+# 55.2 / 55.7; candidates without the 9x column buffer lost (38-43). Whole small_vgg step (B=128):
+# im2col+vmap 168-175 model-examples/s for M = 1..8, 0.46 of the matmul peak, vs 173 for the best
+# sequential step (im2col) and 113 with lax convs. unroll is no faster and compiles one program
+# copy per model, so "auto" is im2col+vmap.
 # gpu/tpu: not measured here; lax convs are what those compilers optimise.
 BEST = {
     "cpu": ("im2col", "vmap"),

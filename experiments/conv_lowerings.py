@@ -1,0 +1,116 @@
+"""One 3x3 'SAME' convolution, forward + backward, under candidate lowerings: one model, vmap
+over M models, and M models written out in one jit ("unroll").
+
+    python experiments/conv_lowerings.py --batch=128 --size=16 --channels=64 --models=4
+
+About 4 minutes on an idle 2-core CPU. Result there (GFLOP/s, one model / vmap / unroll):
+xla 18.0 / 3.4 / 24.2, im2col 54.4 / 55.2 / 55.7, row_shift 41.4 / 39.9 / 40.3,
+shifted9 38.7 / 37.8 / 38.2, xla_fwd_im2col_wgrad 43.0 / 17.5 / 52.3 (BENCHMARKS.md).
+"xla" and "im2col" are jaxmem's layers.CONV_IMPLS; the others were candidates that avoid
+im2col's 9x column buffer and lost to it, kept here so the comparison can be rerun elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmem.models.layers import conv2d
+from jaxmem.train import lowering
+
+
+def row_shift(x, kernel):
+    """Nine dots on contiguous row ranges of the flattened padded input: shift (i, j) is an
+    offset of i*(W+2)+j rows; outputs are computed on the padded grid and cropped."""
+    batch, height, width, _ = x.shape
+    padded_width = width + 2
+    flat = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(-1, x.shape[-1])
+    rows = flat.shape[0] - 2 * padded_width - 2
+    out = sum(flat[i * padded_width + j:i * padded_width + j + rows] @ kernel[i, j]
+              for i in range(3) for j in range(3))
+    out = jnp.pad(out, ((0, 2 * padded_width + 2), (0, 0)))
+    return out.reshape(batch, height + 2, padded_width, -1)[:, :height, :width]
+
+
+def shifted9(x, kernel):
+    """Nine dots on 2-d shifted slices of the padded input."""
+    height, width = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(padded[:, i:i + height, j:j + width] @ kernel[i, j]
+               for i in range(3) for j in range(3))
+
+
+@jax.custom_vjp
+def xla_fwd_im2col_wgrad(x, kernel):
+    """lax.conv forward and input gradient; weight gradient as one im2col matmul."""
+    return conv2d(x, kernel, 1, "xla")
+
+
+def _forward(x, kernel):
+    return conv2d(x, kernel, 1, "xla"), (x, kernel)
+
+
+def _backward(saved, dy):
+    x, kernel = saved
+    dx = conv2d(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), 1, "xla")
+    height, width, channels = x.shape[1:]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    columns = jnp.concatenate([padded[:, i:i + height, j:j + width]
+                               for i in range(3) for j in range(3)], -1)
+    dk = columns.reshape(-1, 9 * channels).T @ dy.reshape(-1, dy.shape[-1])
+    return dx, dk.reshape(kernel.shape)
+
+
+xla_fwd_im2col_wgrad.defvjp(_forward, _backward)
+
+LOWERINGS = {"xla": functools.partial(conv2d, strides=1, impl="xla"),
+             "im2col": functools.partial(conv2d, strides=1, impl="im2col"),
+             "row_shift": row_shift, "shifted9": shifted9,
+             "xla_fwd_im2col_wgrad": xla_fwd_im2col_wgrad}
+
+
+def seconds_per_call(fn, args, seconds: float) -> float:
+    jitted = jax.jit(fn)
+    jax.block_until_ready(jitted(*args))
+    calls, start = 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - start < seconds:
+        out = jitted(*args)
+        calls += 1
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--size", type=int, default=16, help="height = width")
+    parser.add_argument("--channels", type=int, default=64, help="input = output channels")
+    parser.add_argument("--models", type=int, default=4)
+    parser.add_argument("--lowerings", default=",".join(LOWERINGS))
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    lowering.reexec_with_process_env()
+    b, s, c, m = args.batch, args.size, args.channels, args.models
+    flops = 3 * 2 * b * s * s * 9 * c * c  # forward + two backward matmuls
+    rng = np.random.default_rng(0)
+    data = [jnp.asarray(rng.standard_normal(shape), jnp.float32)
+            for shape in ((m, b, s, s, c), (m, 3, 3, c, c), (m, b, s, s, c))]
+    for name in args.lowerings.split(","):
+        grad = jax.grad(lambda x, k, t, f=LOWERINGS[name]: jnp.vdot(f(x, k), t), (0, 1))
+        variants = {"one model": (grad, [a[0] for a in data], 1),
+                    "vmap": (jax.vmap(grad), data, m),
+                    "unroll": (lambda x, k, t, g=grad: [g(x[i], k[i], t[i]) for i in range(m)],
+                               data, m)}
+        for variant, (fn, fn_args, count) in variants.items():
+            sec = seconds_per_call(fn, fn_args, args.seconds)
+            print(f"{name:<22}{variant:<10} M={count:<3}{1e3 * sec:9.1f} ms"
+                  f"{count * flops / sec / 1e9:8.1f} GFLOP/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
