@@ -2,8 +2,13 @@
 
     python experiments/paper/reproduce.py --quick --out=results/paper_quick
 
-Expected runtime: under 20 minutes on 2 CPU cores (3 runs of QUICK_NUM_MODELS models on the
-embedded `digits` data: tiny_cnn plus two sizes of the VGG family, small_vgg and med_vgg).
+Expected runtime: 12 minutes on 2 idle CPU cores (measured 11 min 51 s: training 137 + 207 +
+347 s, analysis and report 15 s) for 3 runs of QUICK_NUM_MODELS = 24 models x 12 epochs on the
+embedded `digits` data: tiny_cnn plus two sizes of the VGG family, small_vgg and med_vgg.
+Measured result: test accuracy 96.4 / 97.7 / 97.9 %, memorized count 28 / 27 / 26; in every run
+the count rises from the first evaluated epoch to a peak at epoch 4 (122 / 99 / 104) and falls
+by 73-77 % by epoch 12; Pearson r of count vs gap -0.78 with p = 0.43 (3 runs: no evidence
+either way at this size).
 Result, in OUT: fig1_memorization_vs_size.png, fig2_memorization_vs_epoch_digits.png,
 fig3_memorization_vs_gap.png, fig4_scores_by_run_digits.png, fig4_scores_by_epoch_*.png,
 table1.md, summary.json and summary.md (Pearson r of memorized count vs train-test gap, the
@@ -32,7 +37,7 @@ from collections.abc import Sequence
 QUICK_DATASETS = ("digits",)
 QUICK_ARCHS = ("tiny_cnn", "small_vgg", "med_vgg")  # one "other" and two sizes of VGG
 QUICK_NUM_MODELS = 24  # at r = 0.7 about 7 held-out models per example (min_count is 5)
-QUICK_EPOCHS = 8
+QUICK_EPOCHS = 12  # per-model batches: digits subsets of 880 are 7 steps of 128 per epoch
 QUICK_EVAL_EVERY = 2
 QUICK_OVERRIDES = {"batch_size": 128, "lr": 0.1}  # digits: 880 examples per model
 # --- the paper's grid -------------------------------------------------------------------------
