@@ -86,6 +86,7 @@ def summary(out: str, metrics: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = None
     try:
         if args.list_archs:
             print(list_archs())
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; no run directory was written", file=sys.stderr)
+        kept = f"; finished epochs are kept in {out}.partial: rerun with --resume" if out else ""
+        print(f"interrupted; no run directory was written{kept}", file=sys.stderr)
         return 130
 
