@@ -93,6 +93,7 @@ class Bench:
         from jaxmem.config import Config
         from jaxmem.data.dataset import Dataset
         from jaxmem.train import loop
+        from jaxmem.train.masks import subset_masks
 
         self.args, self.jax, self.jnp = args, jax, jnp
         batch = args.batch_size
@@ -107,9 +108,7 @@ class Bench:
                               rng.integers(0, 10, batch).astype(np.int32), 10,
                               (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True, 4)
         self.dataset = dataset
-        from jaxmem.train.masks import subset_masks, subset_size
-
-        self.steps = -(-subset_size(dataset.num_train, 0.7) // batch)
+        self.steps = loop.steps_per_epoch(dataset.num_train, 0.7, batch)
         self.conv_impl, self.strategy = lowering.resolve(args.conv_impl, args.ensemble)
         self.config = Config(arch=args.arch, batch_size=batch, dtype=args.dtype,
                              conv_impl=self.conv_impl, ensemble=self.strategy)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmem.models.layers import conv2d
+from jaxmem.models.layers import conv2d, im2col_columns
 from jaxmem.train import lowering
 
 
@@ -58,11 +58,8 @@ def _forward(x, kernel):
 def _backward(saved, dy):
     x, kernel = saved
     dx = conv2d(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), 1, "xla")
-    height, width, channels = x.shape[1:]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    columns = jnp.concatenate([padded[:, i:i + height, j:j + width]
-                               for i in range(3) for j in range(3)], -1)
-    dk = columns.reshape(-1, 9 * channels).T @ dy.reshape(-1, dy.shape[-1])
+    columns = im2col_columns(x, 3, 3, 1)
+    dk = columns.reshape(-1, columns.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])
     return dx, dk.reshape(kernel.shape)
 
 

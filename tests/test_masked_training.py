@@ -15,8 +15,8 @@ from jaxmem.config import Config
 from jaxmem.data.synthetic import make
 from jaxmem.train import keys
 from jaxmem.train.ensemble import Ensemble, make_mesh
-from jaxmem.train.loop import build_spec, model_orders
-from jaxmem.train.masks import subset_masks, subset_size
+from jaxmem.train.loop import build_spec, model_orders, steps_per_epoch
+from jaxmem.train.masks import subset_masks
 from jaxmem.train.step import init_state, train_step
 
 SEED, BATCH, MODELS = 5, 64, np.array([0, 1])
@@ -29,7 +29,7 @@ def leaves(state):
 def test_ensemble_training_equals_training_on_the_physical_subset():
     dataset = make(seed=1, sizes=(1, 2, 4, 8, 16))  # 310 examples, 8x8x1; subsets of 217
     num = dataset.num_train
-    steps = -(-subset_size(num, 0.7) // BATCH)  # 4 steps, the last with 25 examples
+    steps = steps_per_epoch(num, 0.7, BATCH)  # 4 steps, the last with 25 examples
     config = Config(arch="tiny_cnn", batch_size=BATCH, lr=0.2, epochs=1, flip=True, translate=1,
                     seed=SEED)
     spec = build_spec(config, dataset, steps)

@@ -25,6 +25,12 @@ def conv2d(x, kernel, strides: int, impl: str):
     if impl != "im2col":
         raise ValueError(f"unknown conv_impl {impl!r}; choose one of {CONV_IMPLS}")
     kh, kw, ci, co = kernel.shape
+    return im2col_columns(x, kh, kw, strides) @ kernel.reshape(kh * kw * ci, co)
+
+
+def im2col_columns(x, kh: int, kw: int, strides: int):
+    """x [B,H,W,Ci] -> [B,H',W',kh*kw*Ci]: the 'SAME'-padded input patch under every output
+    position, flattened in (i, j, c) order (the kernel's HWIO layout)."""
     height, width = x.shape[1:3]
     out_h, out_w = -(-height // strides), -(-width // strides)
     # The same padding rule as XLA's "SAME": total = max((out-1)*s + k - in, 0), low gets floor.
@@ -36,8 +42,7 @@ def conv2d(x, kernel, strides: int, impl: str):
         padded[:, i:i + (out_h - 1) * strides + 1:strides, j:j + (out_w - 1) * strides + 1:strides]
         for i in range(kh) for j in range(kw)
     ]
-    columns = jnp.concatenate(patches, axis=-1)  # [B, H', W', kh*kw*Ci], (i, j, c) order
-    return columns @ kernel.reshape(kh * kw * ci, co)
+    return jnp.concatenate(patches, axis=-1)
 
 
 def max_pool_2x2(x):

@@ -72,6 +72,11 @@ def build_spec(config: Config, dataset: Dataset, steps_per_epoch: int) -> StepSp
                     dataset.mean, dataset.std, flip, translate, config.label_smoothing)
 
 
+def steps_per_epoch(num_examples: int, subset_ratio: float, batch_size: int) -> int:
+    """Every model's epoch is its own subset: round(r*N) examples in whole batches."""
+    return math.ceil(subset_size(num_examples, subset_ratio) / batch_size)
+
+
 def model_orders(seed: int, model_indices, masks, epoch: int, steps: int, batch_size: int):
     """[M, steps*B] int32: each model's example order for an epoch, its own subset (mask row)
     shuffled by a key from (seed, model index, epoch) alone, padded with N (= no example) to
@@ -148,9 +153,7 @@ class Trainer:
 
     def __init__(self, config: Config, dataset: Dataset, devices=None):
         self.config, self.dataset = config, dataset
-        # Every model's epoch is its own subset: round(r*N) examples in whole batches.
-        self.steps = math.ceil(subset_size(dataset.num_train, config.subset_ratio)
-                               / config.batch_size)
+        self.steps = steps_per_epoch(dataset.num_train, config.subset_ratio, config.batch_size)
         _, strategy = lowering.resolve(config.conv_impl, config.ensemble)
         self.mesh = make_mesh(devices)
         self.ensemble = Ensemble(build_spec(config, dataset, self.steps), dataset.image_shape,
@@ -177,6 +180,7 @@ class Trainer:
         real = len(indices)
         rows = np.minimum(np.arange(padded), real - 1)
         wave_indices = indices[rows]
+        wave_masks = jnp.asarray(masks[rows])  # [padded, N]: the source of every epoch's orders
         init_keys = jax.random.key_data(keys.model_keys(config.seed, keys.INIT, wave_indices))
         states = ensemble.init(jax.device_put(init_keys, ensemble.model_sharding))
         if config.init_from:
@@ -192,7 +196,7 @@ class Trainer:
             aug_keys = jax.device_put(jax.random.key_data(jax.vmap(
                 lambda k, e=epoch: jax.random.fold_in(k, e))(aug_base)), ensemble.model_sharding)
             orders = jax.device_put(
-                model_orders(config.seed, wave_indices, masks[rows], epoch, self.steps,
+                model_orders(config.seed, wave_indices, wave_masks, epoch, self.steps,
                              config.batch_size), ensemble.model_sharding)
             totals = jax.device_put(jnp.zeros((padded, 3), jnp.float32), ensemble.model_sharding)
             in_flight = collections.deque()
