@@ -81,6 +81,17 @@ FOUR_DEVICES = textwrap.dedent("""
                                                                    np.arange(4))),
                                dataset.x_train, dataset.y_train, 0).compile().as_text()
     assert "all-gather" not in hlo and "all-reduce" not in hlo, "cross-device traffic"
+    # Each device draws its own models' batch orders (the same orders as on one device).
+    from jaxmem.train import loop
+    plain = loop.model_orders(3, np.arange(4), four.masks, 0, 3, 64)
+    sharded = loop.model_orders(3, np.arange(4), four.masks, 0, 3, 64, ens.model_sharding)
+    np.testing.assert_array_equal(plain, sharded)
+    assert sharded.sharding.is_equivalent_to(ens.model_sharding, 2)
+    order_keys, masks = jax.device_put(
+        (keys.model_keys(3, keys.ORDER, np.arange(4)), four.masks), ens.model_sharding)
+    hlo = loop._orders.lower(order_keys, masks, 0, size=int(four.masks[0].sum()),
+                             length=192).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo, "orders gathered"
     print("FOUR_DEVICES_OK")
 """)
 

@@ -77,13 +77,19 @@ def steps_per_epoch(num_examples: int, subset_ratio: float, batch_size: int) -> 
     return math.ceil(subset_size(num_examples, subset_ratio) / batch_size)
 
 
-def model_orders(seed: int, model_indices, masks, epoch: int, steps: int, batch_size: int):
+def model_orders(seed: int, model_indices, masks, epoch: int, steps: int, batch_size: int,
+                 sharding=None):
     """[M, steps*B] int32: each model's example order for an epoch, its own subset (mask row)
     shuffled by a key from (seed, model index, epoch) alone, padded with N (= no example) to
-    whole batches. Every row of masks holds the same number of examples (masks.py)."""
-    size = int(np.asarray(masks[0]).sum())
+    whole batches. Every row of masks holds the same number of examples (masks.py).
+    With `sharding` (the model axis over the devices) each device draws its own models' orders
+    and the result stays there, instead of one device drawing all of them."""
+    size = int(masks[0].sum())
     order_keys = keys.model_keys(seed, keys.ORDER, np.asarray(model_indices))
-    return _orders(order_keys, jnp.asarray(masks), epoch, size, steps * batch_size)
+    masks = jnp.asarray(masks)
+    if sharding is not None:
+        order_keys, masks = jax.device_put((order_keys, masks), sharding)
+    return _orders(order_keys, masks, epoch, size, steps * batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("size", "length"))
@@ -180,7 +186,8 @@ class Trainer:
         real = len(indices)
         rows = np.minimum(np.arange(padded), real - 1)
         wave_indices = indices[rows]
-        wave_masks = jnp.asarray(masks[rows])  # [padded, N]: the source of every epoch's orders
+        # [padded, N] on the devices of their models: the source of every epoch's orders
+        wave_masks = jax.device_put(masks[rows], ensemble.model_sharding)
         init_keys = jax.random.key_data(keys.model_keys(config.seed, keys.INIT, wave_indices))
         states = ensemble.init(jax.device_put(init_keys, ensemble.model_sharding))
         if config.init_from:
@@ -195,9 +202,8 @@ class Trainer:
             tic = time.perf_counter()
             aug_keys = jax.device_put(jax.random.key_data(jax.vmap(
                 lambda k, e=epoch: jax.random.fold_in(k, e))(aug_base)), ensemble.model_sharding)
-            orders = jax.device_put(
-                model_orders(config.seed, wave_indices, wave_masks, epoch, self.steps,
-                             config.batch_size), ensemble.model_sharding)
+            orders = model_orders(config.seed, wave_indices, wave_masks, epoch, self.steps,
+                                  config.batch_size, ensemble.model_sharding)
             totals = jax.device_put(jnp.zeros((padded, 3), jnp.float32), ensemble.model_sharding)
             in_flight = collections.deque()
             for step in range(self.steps):
