@@ -2,10 +2,10 @@
 
     python experiments/bench.py --arch=small_vgg --models=8 --batch-size=256 --json=bench.json
 
-takes ~3 min on an idle 2-core CPU and 5-10 min when other jobs load it (compiles dominate;
---seconds of timing per variant). Result measured so far (M=4, B=128, load avg 4-5;
-BENCHMARKS.md): sequential 88 model-examples/s at 17 GFLOP/s, ensemble im2col/vmap 49 at
-9.6 GFLOP/s (0.56x sequential), matmul peak 47.5 GFLOP/s under that load (84-88 at load ~2).
+takes ~3 min on an idle 2-core CPU (compiles dominate; --seconds of timing per variant).
+Measured idle there (M=4, B=128; BENCHMARKS.md): ensemble im2col/vmap 168 model-examples/s at
+33.1 GFLOP/s = 0.46 of the 72.6 GFLOP/s matmul peak; sequential 173 (im2col convs) and 113
+(lax convs).
 
 Variants, each timed for --seconds after compiling:
   (a) ensemble   jaxmem's step as the trainer runs it (Ensemble(...).train_step: on-device
@@ -16,11 +16,15 @@ Variants, each timed for --seconds after compiling:
                  model axis at all); timed with conv "xla" and with the ensemble's conv impl,
                  and the faster of the two is the baseline (the honest one);
   (c) vmap       plain `jax.vmap` of the single-model step with lax convs ("xla"/"vmap");
-  (d) matmul     the backend's dense matmul peak (4096^2, float32; bfloat16 on GPU/TPU);
+  (d) matmul     the backend's dense matmul peak (4096^2 float32 on CPU, 8192^2 bfloat16
+                 on GPU/TPU);
   plus evaluation: Ensemble.evaluate (forward only, running BatchNorm statistics).
 GFLOP/s = XLA's cost analysis of the compiled step (flops) / measured step time.
 --sweep=1,2,4,8,16 repeats (a) for each number of models per wave (throughput vs M).
 Images: random uint8 32x32x3, 10 classes (--dataset=NAME uses a registered dataset instead).
+--project=K,E (default 2000,100) turns the fastest M's training and evaluation rates into the
+hours K models x E epochs take on CIFAR-10 (same image shapes as the random images). A sweep
+stops at the first M that runs out of device memory. experiments/gpu_bench.sh is the GPU run.
 The process re-executes itself once with the allocator settings of
 `jaxmem.train.lowering.process_env()` (on a VM, page faults on fresh buffers cost more than
 the convolutions otherwise); --no-tune-env measures without them.
@@ -53,9 +57,16 @@ def parse_args(argv=None):
     parser.add_argument("--eval-batch-size", type=int, default=512)
     parser.add_argument("--skip", default="", help="comma-separated: sequential,vmap,eval,matmul")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--project", default="2000,100",
+                        help="K,E: project the time of K models x E epochs on CIFAR-10")
     parser.add_argument("--no-tune-env", action="store_true",
                         help="do not re-execute with lowering.process_env()")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.project_models, args.project_epochs = (int(v) for v in args.project.split(","))
+    except ValueError:
+        parser.error(f"--project must be K,E (two integers), got {args.project!r}")
+    return args
 
 
 def timed(fn, seconds: float, min_calls: int = 3) -> float:
@@ -123,8 +134,8 @@ class Bench:
 
     @staticmethod
     def sweep_sizes(args) -> list[int]:
-        sweep = [int(m) for m in args.sweep.split(",") if m] or [args.models]
-        return sweep if args.models in sweep else [*sweep, args.models]
+        sweep = {int(m) for m in args.sweep.split(",") if m} | {args.models}
+        return sorted(sweep)  # ascending: the first M that runs out of memory ends the sweep
 
     def spec_with(self, conv_impl: str):
         import dataclasses
@@ -259,15 +270,28 @@ def main(argv=None) -> int:
             show(f"sequential single ({impl})", row)
         best = min(singles, key=lambda k: singles[k]["seconds_per_model_step"])
         results["sequential"] = {"conv_impl": best, "per_impl": singles}
+        save(results, args.json)
     for num_models in sweep:
-        row = bench.ensemble_step(num_models, bench.spec, bench.strategy)
+        try:
+            row = bench.ensemble_step(num_models, bench.spec, bench.strategy)
+        except Exception as error:  # jaxlib's XlaRuntimeError; only out-of-memory is expected
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            print(f"{'ensemble: out of device memory':<34}{num_models:>4}  (larger M skipped)",
+                  flush=True)
+            results["out_of_memory_at_models"] = num_models
+            break
         if singles:
             single = singles[results["sequential"]["conv_impl"]]
             row["ensemble_over_sequential"] = (
                 single["seconds_per_model_step"] * num_models / (row["ms_per_step"] / 1e3))
         show(f"ensemble {bench.conv_impl}/{bench.strategy}", row)
         results["sweep"].append(row)
-    main_row = next(r for r in results["sweep"] if r["models"] == args.models)
+        save(results, args.json)  # every finished row is kept, whatever stops the sweep
+    main_row = next((r for r in results["sweep"] if r["models"] == args.models), None)
+    if main_row is None:
+        print(f"# --models={args.models} ran out of device memory; pick a smaller M", flush=True)
+        return 1
     results.update(model_examples_per_s=main_row["model_examples_per_s"],
                    ensemble_gflops=main_row["gflops"], models=args.models,
                    load_avg=main_row["load_avg"],
@@ -291,14 +315,47 @@ def main(argv=None) -> int:
     if "matmul_peak_gflops" in results:
         results["fraction_of_matmul_peak"] = (results["ensemble_gflops"]
                                               / results["matmul_peak_gflops"])
+    results["projection"] = projection(args, results["sweep"])
     summary = {k: results.get(k) for k in (
         "model_examples_per_s", "ensemble_over_sequential", "ensemble_gflops",
         "sequential_gflops", "vmap_gflops", "matmul_peak_gflops", "fraction_of_matmul_peak",
         "eval_model_examples_per_s")}
+    summary["projected_hours"] = results["projection"]["total_hours"]
     print("# " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in summary.items()), flush=True)
     save(results, args.json)
     return 0
+
+
+CIFAR10_SIZES = (50_000, 10_000)  # training and test images
+
+
+def projection(args, sweep: list[dict]) -> dict:
+    """Hours for --project K models x E epochs on CIFAR-10 (32x32x3, 10 classes: the shapes
+    timed here) at the fastest measured M: each model trains on its own round(0.7 * 50,000)
+    examples in whole batches every epoch, and every model is evaluated on all 60,000 images at
+    the default Config's evaluated epochs (every 6th and the last)."""
+    from jaxmem.config import Config
+    from jaxmem.train import loop
+
+    models, epochs = args.project_models, args.project_epochs
+    num_train, num_test = CIFAR10_SIZES
+    best = max(sweep, key=lambda row: row["model_examples_per_s"])
+    per_model_epoch = loop.steps_per_epoch(num_train, 0.7, args.batch_size) * args.batch_size
+    train_hours = models * epochs * per_model_epoch / best["model_examples_per_s"] / 3600
+    evaluations = len(Config(epochs=epochs).eval_epochs())
+    eval_rate = best.get("eval_model_examples_per_s")
+    eval_hours = (models * evaluations * (num_train + num_test) / eval_rate / 3600
+                  if eval_rate else 0.0)
+    result = {"models": models, "epochs": epochs, "at_models_per_wave": best["models"],
+              "train_hours": train_hours, "evaluations": evaluations,
+              "eval_hours": eval_hours if eval_rate else None,
+              "total_hours": train_hours + eval_hours}
+    print(f"# projection: {models} {args.arch} x {epochs} epochs on CIFAR-10 at M={best['models']}"
+          f": train {train_hours:.2f} h + {evaluations} evaluations "
+          + (f"{eval_hours:.2f} h" if eval_rate else "(not measured)")
+          + f" = {result['total_hours']:.2f} h", flush=True)
+    return result
 
 
 def save(results: dict, path: str | None) -> None:
