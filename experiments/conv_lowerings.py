@@ -6,8 +6,12 @@ over M models, and M models written out in one jit ("unroll").
 About 4 minutes on an idle 2-core CPU. Result there (GFLOP/s, one model / vmap / unroll):
 xla 18.0 / 3.4 / 24.2, im2col 54.4 / 55.2 / 55.7, row_shift 41.4 / 39.9 / 40.3,
 shifted9 38.7 / 37.8 / 38.2, xla_fwd_im2col_wgrad 43.0 / 17.5 / 52.3 (BENCHMARKS.md).
+winograd (F(2x2,3x3)), two idle runs of --lowerings=im2col,winograd: 63.3 / 60.6 / 64.5 and
+59.4 / 57.2 / 58.5, against im2col's 60.8 / 54.2 / 58.4 and 50.9 / 50.6 / 55.4 in the same runs.
 "xla" and "im2col" are jaxmem's layers.CONV_IMPLS; the others were candidates that avoid
-im2col's 9x column buffer and lost to it, kept here so the comparison can be rerun elsewhere.
+im2col's 9x column buffer (winograd: 2.25x of the multiplications) and lost to it or won
+too little to adopt (BENCHMARKS.md), kept
+here so the comparison can be rerun elsewhere (tests/test_benchmarks.py checks they agree).
 """
 
 from __future__ import annotations
@@ -65,10 +69,46 @@ def _backward(saved, dy):
 
 xla_fwd_im2col_wgrad.defvjp(_forward, _backward)
 
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): G transforms the kernel; B^T (input) and A^T
+# (output) have entries 0 and +-1, so they are written as sums of slices.
+WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _winograd_in(d):
+    """B^T d over the first index of four arrays."""
+    return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+
+
+def _winograd_out(m):
+    """A^T m over the first index of four arrays."""
+    return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+
+def winograd(x, kernel):
+    """F(2x2, 3x3) for even H, W: the 4x4 input tile under each 2x2 output block goes through
+    B^T . B, sixteen [tiles, Ci] x [Ci, Co] products with G g G^T replace the nine of a direct
+    conv (2.25x fewer multiplications), and A^T . A gives the 2x2 outputs."""
+    batch, height, width, channels = x.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"winograd needs an even height and width, got {height}x{width}")
+    tiles_h, tiles_w = height // 2, width // 2
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = _winograd_in([padded[:, i:i + 2 * tiles_h:2] for i in range(4)])
+    tiles = [v for row in rows
+             for v in _winograd_in([row[:, :, j:j + 2 * tiles_w:2] for j in range(4)])]
+    g = jnp.asarray(WINOGRAD_G, kernel.dtype)
+    u = jnp.einsum("ai,ijco,bj->abco", g, kernel, g).reshape(16, channels, -1)
+    m = jnp.matmul(jnp.stack(tiles).reshape(16, -1, channels), u)
+    m = m.reshape(4, 4, batch, tiles_h, tiles_w, -1)
+    blocks = [_winograd_out(row) for row in _winograd_out(m)]  # [a][b]: [B, H/2, W/2, Co]
+    out = jnp.stack([jnp.stack(row, axis=3) for row in blocks], axis=2)
+    return out.reshape(batch, height, width, -1)
+
+
 LOWERINGS = {"xla": functools.partial(conv2d, strides=1, impl="xla"),
              "im2col": functools.partial(conv2d, strides=1, impl="im2col"),
              "row_shift": row_shift, "shifted9": shifted9,
-             "xla_fwd_im2col_wgrad": xla_fwd_im2col_wgrad}
+             "xla_fwd_im2col_wgrad": xla_fwd_im2col_wgrad, "winograd": winograd}
 
 
 def seconds_per_call(fn, args, seconds: float) -> float:

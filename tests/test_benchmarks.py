@@ -1,22 +1,49 @@
-"""experiments/bench.py's arithmetic and arguments (the timings themselves are not tested)."""
+"""The benchmark scripts' arithmetic, arguments and candidates (their timings are not tested)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+
+from jaxmem.models.layers import conv2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def bench():
+def load_script(name: str):
     spec = importlib.util.spec_from_file_location(
-        "bench", os.path.join(ROOT, "experiments", "bench.py"))
+        name, os.path.join(ROOT, "experiments", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench")
+
+
+def test_every_conv_candidate_computes_the_convolution_and_its_gradients():
+    lowerings = load_script("conv_lowerings").LOWERINGS
+    rng = np.random.default_rng(0)
+    x, kernel, target = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+                         for shape in ((2, 6, 8, 5), (3, 3, 5, 7), (2, 6, 8, 7)))
+
+    def value_and_grads(conv):
+        return jax.value_and_grad(lambda a, k: jnp.vdot(conv(a, k), target), (0, 1))(x, kernel)
+
+    want = value_and_grads(lambda a, k: conv2d(a, k, 1, "xla"))
+    for name, conv in lowerings.items():
+        np.testing.assert_allclose(conv(x, kernel), conv2d(x, kernel, 1, "xla"), rtol=1e-5,
+                                   atol=1e-5, err_msg=name)
+        for got, expected in zip(jax.tree.leaves(value_and_grads(conv)),
+                                 jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 def test_projection_counts_each_models_subset_in_whole_batches_and_every_evaluation(bench):
