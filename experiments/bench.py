@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 
+from jaxmem.timing import seconds_per_call
 from jaxmem.train import lowering
 
 
@@ -67,19 +68,6 @@ def parse_args(argv=None):
     except ValueError:
         parser.error(f"--project must be K,E (two integers), got {args.project!r}")
     return args
-
-
-def timed(fn, seconds: float, min_calls: int = 3) -> float:
-    """Median-free steady state: seconds per call over >= min_calls calls and >= `seconds`."""
-    import jax
-
-    jax.block_until_ready(fn())  # warm-up (compiled already; first call allocates)
-    calls, start = 0, time.perf_counter()
-    while calls < min_calls or time.perf_counter() - start < seconds:
-        out = fn()
-        calls += 1
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls
 
 
 def compiled_flops(jitted, *args) -> float:
@@ -175,13 +163,13 @@ class Bench:
         jax.block_until_ready(run())
         compile_s = time.perf_counter() - tic
         load_before = load_average()
-        seconds = timed(run, self.args.seconds)
+        seconds = seconds_per_call(run, self.args.seconds)
         result = self._row(num_models, seconds, flops, load_before)
         result["compile_s"] = compile_s
         if "eval" not in self.args.skip:
             ids = jnp.arange(self.args.eval_batch_size, dtype=jnp.int32) % self.dataset.num_train
             ev = lambda: ensemble.evaluate(holder["states"], self.x, self.y, ids)  # noqa: E731
-            eval_seconds = timed(ev, self.args.seconds / 2)
+            eval_seconds = seconds_per_call(ev, self.args.seconds / 2)
             result["eval_model_examples_per_s"] = (
                 num_models * self.args.eval_batch_size / eval_seconds)
         return result
@@ -214,7 +202,7 @@ class Bench:
             return stats
 
         load_before = load_average()
-        seconds = timed(run, self.args.seconds)
+        seconds = seconds_per_call(run, self.args.seconds)
         return {"seconds_per_model_step": seconds, "flops_per_model_step": flops,
                 "load_avg": load_before}
 
@@ -230,7 +218,7 @@ class Bench:
         n = 4096 if jax.default_backend() == "cpu" else 8192
         a = jnp.ones((n, n), dtype)
         f = jax.jit(lambda a: a @ a)
-        return 2 * n ** 3 / timed(lambda: f(a), self.args.seconds / 2) / 1e9
+        return 2 * n ** 3 / seconds_per_call(lambda: f(a), self.args.seconds / 2) / 1e9
 
 
 def main(argv=None) -> int:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmem.models.layers import conv2d, im2col_columns
+from jaxmem.timing import seconds_per_jitted_call
 from jaxmem.train import lowering
 
 
@@ -111,17 +111,6 @@ LOWERINGS = {"xla": functools.partial(conv2d, strides=1, impl="xla"),
              "xla_fwd_im2col_wgrad": xla_fwd_im2col_wgrad, "winograd": winograd}
 
 
-def seconds_per_call(fn, args, seconds: float) -> float:
-    jitted = jax.jit(fn)
-    jax.block_until_ready(jitted(*args))
-    calls, start = 0, time.perf_counter()
-    while calls < 2 or time.perf_counter() - start < seconds:
-        out = jitted(*args)
-        calls += 1
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -144,7 +133,7 @@ def main(argv=None) -> None:
                     "unroll": (lambda x, k, t, g=grad: [g(x[i], k[i], t[i]) for i in range(m)],
                                data, m)}
         for variant, (fn, fn_args, count) in variants.items():
-            sec = seconds_per_call(fn, fn_args, args.seconds)
+            sec = seconds_per_jitted_call(fn, *fn_args, seconds=args.seconds)
             print(f"{name:<22}{variant:<10} M={count:<3}{1e3 * sec:9.1f} ms"
                   f"{count * flops / sec / 1e9:8.1f} GFLOP/s", flush=True)
 

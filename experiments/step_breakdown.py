@@ -12,7 +12,6 @@ first conv runs at 11 GFLOP/s, the 64-wide ones at 45-54, the 512-wide one at 64
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +20,8 @@ from flax import linen as nn
 
 from jaxmem.models import layers
 from jaxmem.models.vgg import LAYOUTS, VGG
+from jaxmem.timing import seconds_per_jitted_call
 from jaxmem.train import lowering
-
-
-def seconds_per_call(fn, *args, seconds: float) -> float:
-    jitted = jax.jit(fn)
-    jax.block_until_ready(jitted(*args))
-    calls, start = 0, time.perf_counter()
-    while calls < 2 or time.perf_counter() - start < seconds:
-        out = jitted(*args)
-        calls += 1
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls
 
 
 def layer_shapes(layout, size: int, channels: int):
@@ -62,8 +51,8 @@ def model_times(arch: str, impl: str, x, labels, seconds: float) -> tuple[float,
             logits(params, stats), labels).mean()
 
     args = (variables["params"], variables["batch_stats"])
-    return (seconds_per_call(logits, *args, seconds=seconds),
-            seconds_per_call(jax.grad(loss), *args, seconds=seconds))
+    return (seconds_per_jitted_call(logits, *args, seconds=seconds),
+            seconds_per_jitted_call(jax.grad(loss), *args, seconds=seconds))
 
 
 def op_time(kind: str, impl: str, batch: int, size: int, c_in: int, c_out: int,
@@ -76,11 +65,11 @@ def op_time(kind: str, impl: str, batch: int, size: int, c_in: int, c_out: int,
         # The image's gradient is never needed: the first conv has two matmuls, the others 3.
         wrt = (1,) if c_in == 3 else (0, 1)
         grad = jax.grad(lambda a, k: jnp.square(layers.conv2d(a, k, 1, impl)).sum(), wrt)
-        return (seconds_per_call(grad, x, kernel, seconds=seconds),
+        return (seconds_per_jitted_call(grad, x, kernel, seconds=seconds),
                 2 * batch * size * size * 9 * c_in * c_out * (1 + len(wrt)))
     if kind == "pool":
         grad = jax.grad(lambda a: jnp.square(layers.max_pool_2x2(a)).sum())
-        return seconds_per_call(grad, x, seconds=seconds), 0
+        return seconds_per_jitted_call(grad, x, seconds=seconds), 0
     norm = layers.BatchNorm()
     variables = norm.init(jax.random.key(0), x, False)
 
@@ -89,7 +78,7 @@ def op_time(kind: str, impl: str, batch: int, size: int, c_in: int, c_out: int,
                          mutable=["batch_stats"])[0]
         return jnp.square(nn.relu(out)).sum()
 
-    return seconds_per_call(jax.grad(loss, (0, 1)), x, variables["params"],
+    return seconds_per_jitted_call(jax.grad(loss, (0, 1)), x, variables["params"],
                             seconds=seconds), 0
 
 
