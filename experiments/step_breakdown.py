@@ -78,8 +78,8 @@ def op_time(kind: str, impl: str, batch: int, size: int, c_in: int, c_out: int,
                          mutable=["batch_stats"])[0]
         return jnp.square(nn.relu(out)).sum()
 
-    return seconds_per_jitted_call(jax.grad(loss, (0, 1)), x, variables["params"],
-                            seconds=seconds), 0
+    grad = jax.grad(loss, (0, 1))
+    return seconds_per_jitted_call(grad, x, variables["params"], seconds=seconds), 0
 
 
 def main(argv=None) -> None:
@@ -94,13 +94,14 @@ def main(argv=None) -> None:
     x = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
     labels = jnp.zeros((args.batch,), jnp.int32)
     shapes = layer_shapes(LAYOUTS[args.arch], args.size, 3)
-    for impl in args.lowerings.split(","):
+    impls = args.lowerings.split(",")
+    for impl in impls:
         forward, backward = model_times(args.arch, impl, x, labels, args.seconds)
         print(f"{impl}: model fwd {1e3 * forward:.0f} ms, fwd+bwd {1e3 * backward:.0f} ms",
               flush=True)
         totals = {}
         for kind, size, c_in, c_out in shapes:
-            if kind != "conv" and impl != args.lowerings.split(",")[0]:
+            if kind != "conv" and impl != impls[0]:
                 continue  # BatchNorm and pools do not depend on the conv lowering
             sec, flops = op_time(kind, impl, args.batch, size, c_in, c_out, args.seconds)
             totals[kind] = totals.get(kind, 0.0) + sec
