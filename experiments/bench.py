@@ -91,8 +91,8 @@ class Bench:
         from jaxmem import data
         from jaxmem.config import Config
         from jaxmem.data.dataset import Dataset
-        from jaxmem.train import loop
-        from jaxmem.train.masks import subset_masks
+        from jaxmem.masks import subset_masks
+        from jaxmem.train import loop, orders
 
         self.args, self.jax, self.jnp = args, jax, jnp
         batch = args.batch_size
@@ -107,7 +107,7 @@ class Bench:
                               rng.integers(0, 10, batch).astype(np.int32), 10,
                               (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True, 4)
         self.dataset = dataset
-        self.steps = loop.steps_per_epoch(dataset.num_train, 0.7, batch)
+        self.steps = orders.steps_per_epoch(dataset.num_train, 0.7, batch)
         self.conv_impl, self.strategy = lowering.resolve(args.conv_impl, args.ensemble)
         self.config = Config(arch=args.arch, batch_size=batch, dtype=args.dtype,
                              conv_impl=self.conv_impl, ensemble=self.strategy)
@@ -117,7 +117,7 @@ class Bench:
         self.masks = subset_masks(0, np.arange(max(self.sweep_sizes(args))), dataset.num_train,
                                   0.7)
         # [M, S*B]: each model's own epoch order (as the trainer draws it)
-        self.orders = loop.model_orders(0, np.arange(len(self.masks)), self.masks, 0,
+        self.orders = orders.model_orders(0, np.arange(len(self.masks)), self.masks, 0,
                                         self.steps, batch)
 
     @staticmethod
@@ -136,7 +136,7 @@ class Bench:
     def ensemble_step(self, num_models: int, spec, strategy: str) -> dict:
         """Time Ensemble.train_step (and Ensemble.evaluate) for M models."""
         jax, jnp = self.jax, self.jnp
-        from jaxmem.train import keys
+        from jaxmem import keys
         from jaxmem.train.ensemble import Ensemble
 
         ensemble = Ensemble(spec, self.dataset.image_shape, self.args.batch_size,
@@ -147,7 +147,7 @@ class Bench:
             jax.random.key_data(keys.model_keys(0, keys.INIT, indices)), ensemble.model_sharding))
         aug = jax.device_put(jax.random.key_data(keys.model_keys(0, keys.AUGMENT, indices)),
                              ensemble.model_sharding)
-        totals = jax.device_put(jnp.zeros((num_models, 3), jnp.float32), ensemble.model_sharding)
+        totals = ensemble.zero_totals(num_models)
         tic = time.perf_counter()
         flops = compiled_flops(ensemble.train_step, states, totals, orders, aug, self.x, self.y,
                                0)
@@ -329,12 +329,12 @@ def projection(args, sweep: list[dict]) -> dict:
     examples in whole batches every epoch, and every model is evaluated on all 60,000 images at
     the default Config's evaluated epochs (every 6th and the last)."""
     from jaxmem.config import Config
-    from jaxmem.train import loop
+    from jaxmem.train import orders
 
     models, epochs = args.project_models, args.project_epochs
     num_train, num_test = CIFAR10_SIZES
     best = max(sweep, key=lambda row: row["model_examples_per_s"])
-    per_model_epoch = loop.steps_per_epoch(num_train, 0.7, args.batch_size) * args.batch_size
+    per_model_epoch = orders.steps_per_epoch(num_train, 0.7, args.batch_size) * args.batch_size
     train_hours = models * epochs * per_model_epoch / best["model_examples_per_s"] / 3600
     evaluations = len(Config(epochs=epochs).eval_epochs())
     eval_rate = best.get("eval_model_examples_per_s")

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from jaxmem.errors import UserError
-from jaxmem.train.merge import merge_runs
+from jaxmem.rundir.merge import merge_runs
 
 
 def main(argv=None) -> int:

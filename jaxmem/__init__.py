@@ -8,8 +8,8 @@ Axis letters used in every docstring and shape comment:
     C  classes                     H, W, Ch  image height, width, channels
 """
 
-from jaxmem.analysis.run_io import Run, load_run
 from jaxmem.errors import UserError
+from jaxmem.rundir import Run, load_run
 
 __version__ = "0.1.0"
 __all__ = ["Run", "UserError", "__version__", "load_run"]

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxmem.analysis import figures, gallery, influence, stats, tables, transient
-from jaxmem.analysis.run_io import Run, load_run
 from jaxmem.errors import UserError
+from jaxmem.rundir import Run, load_run
 
 DEFAULT_RESAMPLES = 100
 PAIRS_LISTED = 20

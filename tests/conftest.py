@@ -1,10 +1,9 @@
-"""Shared fixtures. `fake_run_dir` writes small hand-made run directories in the exact format
-the trainer writes (README, "The run directory"), without training anything."""
+"""Shared fixtures. `fake_run_dir` writes small run directories with planted structure through
+the trainer's own writer, without training anything."""
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import numpy as np
@@ -16,8 +15,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-from jaxmem.analysis import scores as scores_lib
 from jaxmem.config import Config
+from jaxmem.rundir import DataInfo, EnsembleResult, write_run
 
 DIGITS_TRAIN, DIGITS_TEST = 1258, 539  # jaxmem.data.load("digits")
 
@@ -36,7 +35,7 @@ def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits"
                    epochs: tuple[int, ...] = (2, 4, 6), num_params: int = 10_000,
                    seed: int = 0, config_seed: int = 0, threshold: float = 0.25,
                    min_count: int = 5, subset_ratio: float = 0.7, strength: float = 1.0,
-                   influence_pairs: int = 3) -> str:
+                   influence_pairs: int = 3, diverged: tuple[int, ...] = ()) -> str:
     """Write a run directory with random masks and correctness (drawn from `seed`; the config
     records `config_seed`, which names the run) that has structure:
 
@@ -46,6 +45,8 @@ def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits"
     `strength` scales the in-model advantage (a larger "model" memorizes more). The first
     `influence_pairs` memorized examples (with enough in- and held-out models) make one test
     example each correct exactly when they are in the subset (planted high-influence pairs).
+    Models `diverged` get a NaN loss, so the run excludes them. Written by the project's own
+    run writer, exactly as a trained run.
     """
     rng = np.random.default_rng(seed)
     if dataset == "digits" and num_train is None:
@@ -82,44 +83,19 @@ def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits"
         correct_test[:, :, j] = masks[None, :, i]
         correct[:, :, i] = masks[None, :, i]
 
-    by_epoch = scores_lib.memorization_scores(masks, correct, min_count)
-    in_count, out_count = scores_lib.membership_counts(masks)
-    train_acc = (correct & masks).sum(-1) / masks.sum(-1)
-    heldout_acc = (correct & ~masks).sum(-1) / (~masks).sum(-1)
-    test_acc = correct_test.mean(-1)
-    scores = {
-        "memorization": by_epoch["memorization"][-1],
-        "memorization_se": by_epoch["memorization_se"][-1],
-        "memorization_by_epoch": by_epoch["memorization"],
-        "epochs": np.asarray(epochs, np.int64),
-        "train_acc": train_acc, "test_acc": test_acc, "heldout_acc": heldout_acc,
-        "labels": np.asarray(labels, np.int32), "test_labels": np.asarray(test_labels, np.int32),
-        "in_count": in_count, "out_count": out_count, "low_count": by_epoch["low_count"],
-        "original_index": np.arange(num_train),
-    }
-    config = {**Config(arch=arch, dataset=dataset, num_models=num_models, epochs=max(epochs),
-                       eval_every=epochs[0], seed=config_seed, threshold=threshold,
-                       min_count=min_count, subset_ratio=subset_ratio).to_dict(),
-              "num_params": num_params, "num_classes": num_classes,
-              "image_shape": [8, 8, 1], "versions": {"jaxmem": "fake"}, "devices": ["cpu"]}
-    metrics = {
-        "memorized_count": int(scores_lib.memorized_count(scores["memorization"], threshold)),
-        "threshold": threshold, "train_acc": float(train_acc[-1].mean()),
-        "test_acc": float(test_acc[-1].mean()), "wall_time_s": 1.0,
-        "model_examples_per_s": 1000.0,
-    }
-    os.makedirs(path, exist_ok=True)
-    np.save(os.path.join(path, "masks.npy"), masks)
-    np.save(os.path.join(path, "correct_train.npy"), correct[-1])
-    np.save(os.path.join(path, "correct_test.npy"), correct_test[-1])
-    np.savez_compressed(os.path.join(path, "correct_by_epoch.npz"),
-                        train=np.packbits(correct, axis=-1),
-                        test=np.packbits(correct_test, axis=-1),
-                        num_train=np.int64(num_train), num_test=np.int64(num_test))
-    np.savez(os.path.join(path, "scores.npz"), **scores)
-    for name, record in (("config.json", config), ("metrics.json", metrics)):
-        with open(os.path.join(path, name), "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
+    correct[:, list(diverged)] = False  # a NaN model predicts class 0 for every input
+    correct_test[:, list(diverged)] = False
+    train_loss = np.tile(np.linspace(2.0, 0.1, max(epochs))[:, None], (1, num_models))
+    train_loss[:, list(diverged)] = np.nan
+    result = EnsembleResult(np.arange(num_models), masks, list(epochs), correct, correct_test,
+                            train_loss, 1.0 - train_loss / 2.0, devices=["cpu"])
+    settings = Config(arch=arch, dataset=dataset, num_models=num_models, epochs=max(epochs),
+                      eval_every=epochs[0], seed=config_seed, threshold=threshold,
+                      min_count=min_count, subset_ratio=subset_ratio, drop_diverged=True).to_dict()
+    info = DataInfo(dataset, num_classes, (8, 8, 1), np.asarray(labels, np.int32),
+                    np.asarray(test_labels, np.int32), np.arange(num_train), {})
+    write_run(path, settings, info, result, 1.0,
+              {"num_params": num_params, "versions": {"jaxmem": "fake"}})
     return path
 
 

@@ -14,8 +14,8 @@ from scipy import stats as scipy_stats
 
 import jaxmem
 from jaxmem.analysis import figures, gallery, influence, stats, tables, transient
-from jaxmem.analysis.scores import memorization_scores, memorized_count
 from jaxmem.errors import UserError
+from jaxmem.estimator import memorization_scores, memorized_count
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,8 +50,8 @@ def test_memorized_set_is_strictly_above_threshold_and_skips_nan():
 def test_memorized_sets_of_a_run_match_the_stored_scores(fake_run_dir):
     run = jaxmem.load_run(fake_run_dir())
     sets = stats.memorized_sets(run, 0.3)
-    assert list(sets) == [int(e) for e in run.scores["epochs"]]
-    for row, indices in zip(run.scores["memorization_by_epoch"], sets.values(), strict=True):
+    assert list(sets) == [int(e) for e in run.epochs]
+    for row, indices in zip(run.memorization_by_epoch, sets.values(), strict=True):
         expected = [i for i, v in enumerate(row) if not math.isnan(v) and v > 0.3]
         assert indices.tolist() == expected
     assert stats.stored_counts(run, 0.3).tolist() == [len(s) for s in sets.values()]
@@ -101,10 +101,10 @@ def test_memorized_counts_of_a_run_agree_with_its_stored_scores(fake_run_dir):
     result = stats.memorized_counts(run, num_resamples=20)
     assert result.count.tolist() == stats.stored_counts(run).tolist()
     assert result.count.tolist() == [int(c) for c in memorized_count(
-        run.scores["memorization_by_epoch"], 0.25)]
+        run.memorization_by_epoch, 0.25)]
     assert (result.ci_low <= result.ci_high).all()
     for split in ("train", "test"):  # one epoch unpacked at a time, same arrays
-        packed = stats.PackedEpochs(run, split)
+        packed = run.correct_epochs(split)
         full = run.correct_by_epoch(split)
         assert len(packed) == len(full)
         assert all((packed[e] == full[e]).all() for e in range(len(full)))
@@ -153,7 +153,7 @@ def test_gap_correlation_over_runs(fake_run_dir):
     runs = [jaxmem.load_run(fake_run_dir(f"r{s}", seed=s, strength=0.4 + 0.3 * s))
             for s in range(3)]
     result = stats.gap_correlation(runs)
-    gaps = [float(r.scores["train_acc"][-1].mean() - r.scores["test_acc"][-1].mean())
+    gaps = [float(r.train_acc[-1].mean() - r.test_acc[-1].mean())
             for r in runs]
     assert result["gap"] == gaps
     assert result["memorized_count"] == [r.metrics["memorized_count"] for r in runs]
@@ -305,8 +305,8 @@ def test_markdown_table_and_table1(fake_run_dir):
     rows = tables.table1_rows(runs)
     assert [r["arch"] for r in rows] == ["tiny_cnn", "small_vgg"]  # by size
     run = runs[1]
-    assert rows[0]["train_acc"] == np.mean(run.scores["train_acc"][-1])
-    assert rows[0]["test_acc"] == np.mean(run.scores["test_acc"][-1])
+    assert rows[0]["train_acc"] == np.mean(run.train_acc[-1])
+    assert rows[0]["test_acc"] == np.mean(run.test_acc[-1])
     assert rows[0]["memorized"] == run.metrics["memorized_count"]
     text = tables.table1(runs)
     lines = text.splitlines()
@@ -432,3 +432,30 @@ def test_reproduce_quick_analysis_on_existing_runs(tmp_path, capsys):
     # nothing to analyse: one-line error, exit 2
     assert reproduce.main(["--quick", "--skip-training", f"--out={tmp_path / 'empty'}"]) == 2
     assert "no complete run directories" in capsys.readouterr().err
+
+
+def test_models_excluded_from_a_run_are_excluded_from_every_analysis(fake_run_dir):
+    """A run whose models 0-3 diverged (excluded by --drop-diverged): bootstrap counts,
+    influence, the train-test gap and Table 1 use the included models only, as the stored
+    scores do."""
+    from jaxmem import estimator
+
+    path = fake_run_dir("dropped", num_models=24, diverged=(0, 1, 2, 3))
+    run = jaxmem.load_run(path)
+    everything = jaxmem.load_run(path, all_models=True)
+    keep = np.arange(4, 24)
+    assert list(run.excluded_models) == [0, 1, 2, 3] and list(run.model_indices) == list(keep)
+    np.testing.assert_array_equal(run.masks, np.asarray(everything.masks)[keep])
+    counts = stats.memorized_counts(run, num_resamples=5)
+    assert counts.count[-1] == run.metrics["memorized_count"]
+    all_models = estimator.memorization_scores(everything.masks, everything.correct_train)
+    assert estimator.memorized_count(all_models["memorization"]) != counts.count[-1]
+    np.testing.assert_array_equal(
+        influence.run_influence(run, rows=np.arange(10)),
+        influence.influence(np.asarray(everything.masks)[keep],
+                            np.asarray(everything.correct_test)[keep], np.arange(10)))
+    row = tables.table1_rows([run])[0]
+    assert row["num_models"] == 20
+    assert row["train_acc"] == pytest.approx(everything.train_acc[-1][keep].mean())
+    assert stats.train_test_gap(run) == pytest.approx(
+        everything.train_acc[-1][keep].mean() - everything.test_acc[-1][keep].mean())

@@ -14,7 +14,10 @@ import pytest
 
 from jaxmem.config import Config
 from jaxmem.data.synthetic import make
-from jaxmem.train.loop import train_ensemble, wave_slices
+from jaxmem.masks import run_masks
+from jaxmem.train import waves
+from jaxmem.train.loop import train_ensemble
+from jaxmem.train.waves import wave_slices
 
 DATASET = make(seed=2, sizes=(1, 2, 4, 8))  # 150 examples
 CONFIG = dict(arch="tiny_cnn", num_models=3, epochs=2, batch_size=64, eval_every=1, seed=3,
@@ -30,19 +33,24 @@ def assert_same_results(a, b):
     assert (a.correct_test != b.correct_test).mean() < 0.01
 
 
+def train(config, dataset=DATASET, **options):
+    masks = run_masks(config, dataset.num_train)
+    return train_ensemble(config, dataset, masks, progress=False, **options)
+
+
 @pytest.fixture(scope="module")
 def one_wave():
-    return train_ensemble(Config(**CONFIG), DATASET, progress=False)
+    return train(Config(**CONFIG))
 
 
 def test_waves_of_one_model_equal_one_wave(one_wave):
-    waves = train_ensemble(Config(**CONFIG, models_per_wave=1), DATASET, progress=False)
+    waves = train(Config(**CONFIG, models_per_wave=1))
     assert_same_results(one_wave, waves)
     assert one_wave.correct_train.shape == (2, 3, DATASET.num_train)
 
 
 def test_unrolled_mapping_equals_vmap(one_wave):
-    unrolled = train_ensemble(Config(**CONFIG, ensemble="unroll"), DATASET, progress=False)
+    unrolled = train(Config(**CONFIG, ensemble="unroll"))
     assert_same_results(one_wave, unrolled)
 
 
@@ -56,16 +64,19 @@ FOUR_DEVICES = textwrap.dedent("""
     import jax, numpy as np
     from jaxmem.config import Config
     from jaxmem.data.synthetic import make
+    from jaxmem.masks import run_masks
     from jaxmem.train.loop import train_ensemble, build_spec
     from jaxmem.train.ensemble import Ensemble, make_mesh
-    from jaxmem.train import keys
+    from jaxmem import keys
     assert len(jax.devices()) == 4
     dataset = make(seed=2, sizes=(1, 2, 4, 8))
     config = dict(arch="tiny_cnn", num_models=4, epochs=1, batch_size=64, eval_every=1,
                   seed=3, translate=1)
-    four = train_ensemble(Config(**config), dataset, progress=False)
-    padded_waves = train_ensemble(Config(**config, models_per_wave=2), dataset, progress=False)
-    one_device = train_ensemble(Config(**config), dataset, devices=jax.devices()[:1],
+    masks = run_masks(Config(**config), dataset.num_train)
+    four = train_ensemble(Config(**config), dataset, masks, progress=False)
+    padded_waves = train_ensemble(Config(**config, models_per_wave=2), dataset, masks,
+                                  progress=False)
+    one_device = train_ensemble(Config(**config), dataset, masks, devices=jax.devices()[:1],
                                 progress=False)
     for other in (padded_waves, one_device):
         np.testing.assert_array_equal(four.masks, other.masks)
@@ -75,14 +86,14 @@ FOUR_DEVICES = textwrap.dedent("""
     spec = build_spec(Config(**config), dataset, 3)
     ens = Ensemble(spec, dataset.image_shape, 64, make_mesh(), "vmap")
     states = ens.init(jax.random.key_data(keys.model_keys(3, keys.INIT, np.arange(4))))
-    hlo = ens.train_step.lower(states, np.zeros((4, 3), np.float32),
+    hlo = ens.train_step.lower(states, ens.zero_totals(4),
                                np.zeros((4, 192), np.int32),
                                jax.random.key_data(keys.model_keys(3, keys.AUGMENT,
                                                                    np.arange(4))),
                                dataset.x_train, dataset.y_train, 0).compile().as_text()
     assert "all-gather" not in hlo and "all-reduce" not in hlo, "cross-device traffic"
     # Each device draws its own models' batch orders (the same orders as on one device).
-    from jaxmem.train import loop
+    from jaxmem.train import orders as loop
     plain = loop.model_orders(3, np.arange(4), four.masks, 0, 3, 64)
     sharded = loop.model_orders(3, np.arange(4), four.masks, 0, 3, 64, ens.model_sharding)
     np.testing.assert_array_equal(plain, sharded)
@@ -105,15 +116,30 @@ def test_four_simulated_devices_equal_one_device():
     assert "FOUR_DEVICES_OK" in done.stdout
 
 
-def test_auto_wave_size_follows_free_memory(monkeypatch):
+class FakeDevice:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_free_memory_is_the_devices_or_the_hosts_shared(monkeypatch):
+    gpus = [FakeDevice({"bytes_limit": 100, "bytes_in_use": 30}), FakeDevice({"bytes_limit": 90})]
+    assert waves.free_memory(gpus) == 70  # the smallest device's free memory
+    monkeypatch.setattr(waves, "host_available_memory", lambda: 1001)
+    assert waves.free_memory([FakeDevice(None), FakeDevice(None)]) == 500  # CPUs share the host
+
+
+def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
     from jaxmem.train import loop
 
     trainer = loop.Trainer(Config(**CONFIG), DATASET)
-    assert loop.auto_wave_size(trainer, 50) == 50  # CPU reports no memory: one wave
-    monkeypatch.setattr(loop, "free_device_memory", lambda devices: 10**12)
-    assert loop.auto_wave_size(trainer, 50) == 50  # everything fits
-    monkeypatch.setattr(loop, "free_device_memory", lambda devices: 400 * 2**20)
-    small = loop.auto_wave_size(trainer, 10**6)
-    monkeypatch.setattr(loop, "free_device_memory", lambda devices: 1600 * 2**20)
-    large = loop.auto_wave_size(trainer, 10**6)
-    assert 1 <= small < large < 10**6 and abs(large / small - 4) < 0.2
+    per_model = waves.compiled_bytes(trainer, 1)
+    assert per_model > DATASET.x_train.nbytes  # the dataset is an argument of the step
+    for fits in (1, 10, 37):  # available memory for exactly `fits` models (and a half)
+        available = int((fits + 0.5) * per_model / waves.MEMORY_FRACTION)
+        monkeypatch.setattr(waves, "host_available_memory", lambda a=available: a)
+        assert waves.auto_wave_size(trainer, 50) == min(fits, 50)
+    monkeypatch.setattr(waves, "host_available_memory", lambda: 1)
+    assert waves.auto_wave_size(trainer, 50) == 1  # at least one model per device

@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmem import keys
 from jaxmem.config import Config
 from jaxmem.data.synthetic import make
-from jaxmem.train import keys
+from jaxmem.masks import subset_masks
 from jaxmem.train.ensemble import Ensemble, make_mesh
-from jaxmem.train.loop import build_spec, model_orders, steps_per_epoch
-from jaxmem.train.masks import subset_masks
+from jaxmem.train.loop import build_spec
+from jaxmem.train.orders import model_orders, steps_per_epoch
 from jaxmem.train.step import init_state, train_step
 
 SEED, BATCH, MODELS = 5, 64, np.array([0, 1])
@@ -42,12 +43,12 @@ def test_ensemble_training_equals_training_on_the_physical_subset():
 
     def train_ensemble(images, labels):
         states = ensemble.init(jax.random.key_data(keys.model_keys(SEED, keys.INIT, MODELS)))
-        totals = jnp.zeros((len(MODELS), 3))
+        totals = ensemble.zero_totals(len(MODELS))
         for step in range(steps):
             states, totals = ensemble.train_step(states, totals, orders,
                                                  jax.random.key_data(aug_keys),
                                                  jnp.asarray(images), jnp.asarray(labels), step)
-        return states, np.asarray(totals)
+        return states, jax.tree.map(np.asarray, totals)
 
     states, totals = train_ensemble(dataset.x_train, dataset.y_train)
 
@@ -66,7 +67,7 @@ def test_ensemble_training_equals_training_on_the_physical_subset():
         single, _ = step_fn(single, x_sub[where], y_sub[where], jnp.asarray(ids),
                             jnp.ones(len(ids)))
     assert len(ids) == 25  # the last batch was padded, and the padding had no effect
-    assert totals[k, 2] == len(members)  # the ensemble counted exactly the subset
+    assert totals.examples[k] == len(members)  # the ensemble counted exactly the subset
 
     mine = jax.tree.map(lambda leaf: leaf[k], states)
     flat_single = jax.tree.leaves(single)

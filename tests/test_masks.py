@@ -3,7 +3,7 @@ import pytest
 
 from jaxmem.config import Config
 from jaxmem.errors import UserError
-from jaxmem.train.masks import subset_masks, subset_size
+from jaxmem.masks import subset_masks, subset_size
 
 
 @pytest.mark.parametrize("num_examples,ratio", [(10, 0.7), (1258, 0.7), (101, 0.5), (7, 0.1)])

@@ -17,8 +17,8 @@ from jaxmem.config import Config
 from jaxmem.data import load
 from jaxmem.data.synthetic import make
 from jaxmem.errors import UserError
+from jaxmem.rundir.merge import merge_runs
 from jaxmem.train.loop import DivergedError, below_target_se
-from jaxmem.train.merge import merge_runs
 from jaxmem.train.runner import run, work_dir_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +153,8 @@ def test_divergence_stops_with_model_indices_or_is_dropped(npz, tmp_path):
     dropped = load_run(run(dataclasses.replace(diverging, drop_diverged=True), out,
                            overwrite=True, progress=False))
     assert dropped.metrics["diverged_models"] == [0, 1, 2, 3]
-    assert dropped.diverged.all() and np.isnan(dropped.memorization).all()
+    np.testing.assert_array_equal(dropped.excluded_models, [0, 1, 2, 3])
+    assert len(dropped.model_indices) == 0 and np.isnan(dropped.memorization).all()
 
 
 def test_until_se_stops_at_the_first_wave_that_reaches_the_target(npz, tmp_path):

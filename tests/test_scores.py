@@ -1,6 +1,6 @@
 import numpy as np
 
-from jaxmem.analysis.scores import (
+from jaxmem.estimator import (
     correct_counts,
     from_counts,
     membership_counts,

@@ -108,7 +108,7 @@ def analyze(run_dirs: Sequence[str], out: str, resamples: int = BOOTSTRAP_RESAMP
             report: bool = True) -> dict:
     """Write the figures, Table 1, the summary (and the HTML report) for complete runs."""
     from jaxmem.analysis import figures, stats, tables
-    from jaxmem.analysis.run_io import load_run
+    from jaxmem.rundir.store import load_run
 
     runs = tables.sorted_runs([load_run(path) for path in run_dirs])
     counts = {run.path: stats.memorized_counts(run, num_resamples=resamples) for run in runs}

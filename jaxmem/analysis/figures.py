@@ -21,8 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from jaxmem.analysis import stats
-from jaxmem.analysis.run_io import Run
-from jaxmem.analysis.scores import DEFAULT_THRESHOLD
+from jaxmem.estimator import DEFAULT_THRESHOLD
+from jaxmem.rundir import Run
 
 DPI = 110
 FAMILY_MARKERS = {"vgg": "o", "resnet": "s", "vit": "^", "other": "D"}
@@ -69,7 +69,7 @@ def memorization_curve(runs: Run | Sequence[Run], threshold: float | None = None
         result = stats.for_run(counts, run)
         if result is None and num_resamples > 0:
             result = stats.memorized_counts(run, threshold, num_resamples)
-        epochs = np.asarray(run.scores["epochs"])
+        epochs = np.asarray(run.epochs)
         values = result.count if result is not None else stats.stored_counts(run, threshold)
         (line,) = ax.plot(epochs, values, marker="o", markersize=3, label=label)
         if result is not None and np.isfinite(result.ci_low).all():
@@ -180,7 +180,7 @@ def run_score_histograms(runs: Run | Sequence[Run], bins: int = 40,
                          threshold: float | None = None, path: str | None = None) -> Figure:
     """Figure 4, across runs: each run's scores at its last evaluated epoch."""
     runs = _as_list(runs)
-    return score_histograms({stats.run_label(r): r.scores["memorization"] for r in runs}, bins,
+    return score_histograms({stats.run_label(r): r.memorization for r in runs}, bins,
                             stats.run_threshold(runs[0], threshold), "Scores across runs",
                             path=path)
 
@@ -189,7 +189,7 @@ def epoch_score_histograms(run: Run, epochs: Sequence[int] | None = None, bins: 
                            threshold: float | None = None, path: str | None = None) -> Figure:
     """Figure 4, across epochs of one run (default: up to 4 evenly spread evaluated epochs,
     the last included)."""
-    evaluated = [int(e) for e in run.scores["epochs"]]
+    evaluated = [int(e) for e in run.epochs]
     if epochs is None:
         picks = np.unique(np.linspace(0, len(evaluated) - 1, min(4, len(evaluated))).round())
         epochs = [evaluated[int(i)] for i in picks]

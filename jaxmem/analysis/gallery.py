@@ -12,8 +12,8 @@ from matplotlib.figure import Figure
 from jaxmem.analysis import stats
 from jaxmem.analysis.figures import save
 from jaxmem.analysis.influence import InfluencePairs
-from jaxmem.analysis.run_io import Run
 from jaxmem.errors import UserError
+from jaxmem.rundir import Run
 
 CELL_INCHES = 1.1
 
@@ -24,14 +24,14 @@ def load_dataset(run: Run):
     from jaxmem import data
 
     dataset = data.load(run.config["dataset"], run.config.get("data_dir"))
-    labels = run.scores["labels"]
+    labels = run.labels
     if dataset.num_train != len(labels) or not np.array_equal(dataset.y_train, labels):
         raise UserError(f"{run.path}: dataset {run.config['dataset']!r} has "
                         f"{dataset.num_train} training examples whose labels do not match the "
                         f"run's {len(labels)}")
-    if "test_labels" in run.scores and dataset.num_test != len(run.scores["test_labels"]):
+    if dataset.num_test != len(run.test_labels):
         raise UserError(f"{run.path}: dataset {run.config['dataset']!r} has {dataset.num_test} "
-                        f"test examples, the run has {len(run.scores['test_labels'])}")
+                        f"test examples, the run has {len(run.test_labels)}")
     return dataset
 
 

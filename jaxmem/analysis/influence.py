@@ -15,9 +15,9 @@ import dataclasses
 import numpy as np
 
 from jaxmem.analysis import stats
-from jaxmem.analysis.run_io import Run
-from jaxmem.analysis.scores import DEFAULT_MIN_COUNT, DEFAULT_THRESHOLD
 from jaxmem.errors import UserError
+from jaxmem.estimator import DEFAULT_MIN_COUNT, DEFAULT_THRESHOLD
+from jaxmem.rundir import Run
 
 DEFAULT_INFLUENCE_THRESHOLD = 0.15
 DEFAULT_BLOCK = 1024  # training examples per block: [block, N_test] float64 intermediates
@@ -69,10 +69,7 @@ def run_influence(run: Run, rows: np.ndarray | None = None, block_size: int = DE
     if epoch is None:
         correct_test = run.correct_test
     else:
-        epochs = [int(e) for e in run.scores["epochs"]]
-        if epoch not in epochs:
-            raise UserError(f"epoch {epoch} was not evaluated; evaluated epochs: {epochs}")
-        correct_test = stats.PackedEpochs(run, "test")[epochs.index(epoch)]
+        correct_test = run.correct_epochs("test")[run.epoch_position(epoch)]
     return influence(run.masks, correct_test, rows, block_size, out,
                      min_count=stats.run_min_count(run))
 
@@ -135,7 +132,7 @@ def run_high_influence_pairs(run: Run,
                              block_size: int = DEFAULT_BLOCK) -> InfluencePairs:
     """High-influence pairs of a run, computing influence only for the memorized examples."""
     threshold = stats.run_threshold(run, memorization_threshold)
-    memorization = run.scores["memorization"]
+    memorization = run.memorization
     rows = stats.memorized_set(memorization, threshold)
     infl = run_influence(run, rows, block_size)
     return high_influence_pairs(infl, memorization, influence_threshold, threshold, rows)

@@ -4,20 +4,19 @@ training (Figure 2), model families and sizes (Figure 1), and the correlation of
 with the train-test gap (Figure 3).
 
 Every count is recomputed from the estimator's inputs (masks and correctness) through
-`jaxmem.analysis.scores`, so a statistic here never disagrees with the stored scores.
+`jaxmem.estimator`, so a statistic here never disagrees with the stored scores.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from jaxmem.analysis import scores as scores_lib
-from jaxmem.analysis.run_io import Run
+from jaxmem import estimator
 from jaxmem.errors import UserError
+from jaxmem.rundir import Run
 
 FAMILIES = ("vgg", "resnet", "vit")  # anything else is "other"
 DEFAULT_RESAMPLES = 200
@@ -32,14 +31,14 @@ def run_threshold(run: Run, threshold: float | None = None) -> float:
     """`threshold` if given, else the run's configured threshold (0.25 by default)."""
     if threshold is not None:
         return float(threshold)
-    return float(run.config.get("threshold", scores_lib.DEFAULT_THRESHOLD))
+    return float(run.config.get("threshold", estimator.DEFAULT_THRESHOLD))
 
 
 def run_min_count(run: Run) -> int:
-    return int(run.config.get("min_count", scores_lib.DEFAULT_MIN_COUNT))
+    return int(run.config.get("min_count", estimator.DEFAULT_MIN_COUNT))
 
 
-def memorized_set(memorization: np.ndarray, threshold: float = scores_lib.DEFAULT_THRESHOLD
+def memorized_set(memorization: np.ndarray, threshold: float = estimator.DEFAULT_THRESHOLD
                   ) -> np.ndarray:
     """Indices (sorted) of the examples whose score is above threshold; NaN never counts.
     memorization [N] -> [n] int64."""
@@ -51,7 +50,7 @@ def memorized_sets(run: Run, threshold: float | None = None) -> dict[int, np.nda
     """{evaluated epoch (1-based): indices of memorized examples} for every evaluated epoch."""
     threshold = run_threshold(run, threshold)
     return {int(epoch): memorized_set(scores, threshold)
-            for epoch, scores in zip(run.scores["epochs"], run.scores["memorization_by_epoch"],
+            for epoch, scores in zip(run.epochs, run.memorization_by_epoch,
                                      strict=True)}
 
 
@@ -60,27 +59,6 @@ def bootstrap_indices(num_models: int, num_resamples: int = DEFAULT_RESAMPLES,
     """[R, K] int64: R resamples of the K models, with replacement (from seed alone)."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, num_models, size=(num_resamples, num_models))
-
-
-class PackedEpochs(Sequence):
-    """A run's correctness [E, K, N] as a lazy sequence of [K, N] bool arrays: the bit-packed
-    file is read once and one epoch is unpacked at a time (CIFAR: 2,000 models x 50,000
-    examples is 100 MB per epoch unpacked, 12.5 MB packed)."""
-
-    def __init__(self, run: Run, split: str = "train"):
-        path = os.path.join(run.path, "correct_by_epoch.npz")
-        if not os.path.exists(path):
-            raise UserError(f"{run.path} has no correct_by_epoch.npz")
-        with np.load(path) as packed:
-            self._bits, self._count = packed[split], int(packed[f"num_{split}"])
-
-    def __len__(self) -> int:
-        return len(self._bits)
-
-    def __getitem__(self, epoch):
-        if isinstance(epoch, slice):
-            return [self[e] for e in range(*epoch.indices(len(self)))]
-        return np.unpackbits(self._bits[epoch], axis=-1, count=self._count).astype(bool)
 
 
 def _as_epochs(correct) -> tuple[Sequence[np.ndarray], bool]:
@@ -93,12 +71,12 @@ def _as_epochs(correct) -> tuple[Sequence[np.ndarray], bool]:
 
 
 def resampled_counts(masks: np.ndarray, correct, indices: np.ndarray,
-                     threshold: float = scores_lib.DEFAULT_THRESHOLD,
-                     min_count: int = scores_lib.DEFAULT_MIN_COUNT) -> np.ndarray:
+                     threshold: float = estimator.DEFAULT_THRESHOLD,
+                     min_count: int = estimator.DEFAULT_MIN_COUNT) -> np.ndarray:
     """Memorized counts of every resampled ensemble.
 
     masks [K, N] bool; correct [K, N] or [E, K, N] bool (or a sequence of E [K, N] arrays, e.g.
-    PackedEpochs); indices [R, K] (model k of resample r is model indices[r, k]). Returns [R]
+    Run.correct_epochs); indices [R, K] (model k of resample r is model indices[r, k]). Returns [R]
     or [R, E] int64, equal to `memorized_count(memorization_scores(masks[idx],
     correct[..., idx, :]))` for each resample, computed as products of model multiplicities
     [R, K] with the 0/1 matrices, in column blocks, one epoch at a time.
@@ -123,9 +101,9 @@ def resampled_counts(masks: np.ndarray, correct, indices: np.ndarray,
             mask_block, correct_block = masks[:, cols], correct_epoch[:, cols]
             in_correct = _weighted_sum(weights, correct_block & mask_block)
             out_correct = _weighted_sum(weights, correct_block & ~mask_block)
-            scores = scores_lib.from_counts(in_correct, out_correct, in_count,
+            scores = estimator.from_counts(in_correct, out_correct, in_count,
                                             num_models - in_count, min_count)["memorization"]
-            counts[:, epoch] += scores_lib.memorized_count(scores, threshold)
+            counts[:, epoch] += estimator.memorized_count(scores, threshold)
     return counts[:, 0] if single else counts
 
 
@@ -160,8 +138,8 @@ class MemorizedCounts:
 
 
 def bootstrap_counts(masks: np.ndarray, correct, epochs: Sequence[int] | None = None,
-                     threshold: float = scores_lib.DEFAULT_THRESHOLD,
-                     min_count: int = scores_lib.DEFAULT_MIN_COUNT,
+                     threshold: float = estimator.DEFAULT_THRESHOLD,
+                     min_count: int = estimator.DEFAULT_MIN_COUNT,
                      num_resamples: int = DEFAULT_RESAMPLES,
                      confidence: float = DEFAULT_CONFIDENCE, seed: int = 0,
                      indices: np.ndarray | None = None) -> MemorizedCounts:
@@ -178,7 +156,7 @@ def bootstrap_counts(masks: np.ndarray, correct, epochs: Sequence[int] | None = 
     epochs = np.arange(1, len(correct) + 1) if epochs is None else np.asarray(epochs)
     if len(epochs) != len(correct):
         raise UserError(f"{len(epochs)} epochs given for {len(correct)} correctness arrays")
-    count = np.array([scores_lib.memorized_count(scores_lib.memorization_scores(
+    count = np.array([estimator.memorized_count(estimator.memorization_scores(
         masks, correct[e], min_count)["memorization"], threshold) for e in range(len(correct))],
         np.int64)
     if indices is None:
@@ -197,14 +175,14 @@ def memorized_counts(run: Run, threshold: float | None = None,
                      num_resamples: int = DEFAULT_RESAMPLES,
                      confidence: float = DEFAULT_CONFIDENCE, seed: int = 0) -> MemorizedCounts:
     """A run's memorized count at every evaluated epoch with its bootstrap interval."""
-    return bootstrap_counts(run.masks, PackedEpochs(run, "train"), run.scores["epochs"],
+    return bootstrap_counts(run.masks, run.correct_epochs("train"), run.epochs,
                             run_threshold(run, threshold), run_min_count(run), num_resamples,
                             confidence, seed)
 
 
 def stored_counts(run: Run, threshold: float | None = None) -> np.ndarray:
     """[E] memorized counts from the stored scores (no resampling)."""
-    return np.asarray(scores_lib.memorized_count(run.scores["memorization_by_epoch"],
+    return np.asarray(estimator.memorized_count(run.memorization_by_epoch,
                                                  run_threshold(run, threshold)), np.int64)
 
 
@@ -241,7 +219,7 @@ def memorization_stages(epochs: Sequence[int], counts: Sequence[float],
 def run_stages(run: Run, threshold: float | None = None,
                onset_fraction: float = DEFAULT_ONSET_FRACTION) -> dict:
     """memorization_stages of a run's stored counts per evaluated epoch."""
-    return memorization_stages(run.scores["epochs"], stored_counts(run, threshold),
+    return memorization_stages(run.epochs, stored_counts(run, threshold),
                                onset_fraction)
 
 
@@ -261,7 +239,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
 
 def train_test_gap(run: Run) -> float:
     """Mean over models of (accuracy on its own subset - test accuracy), last evaluated epoch."""
-    return float(np.mean(run.scores["train_acc"][-1]) - np.mean(run.scores["test_acc"][-1]))
+    return float(np.mean(run.train_acc[-1]) - np.mean(run.test_acc[-1]))
 
 
 def gap_correlation(runs: Sequence[Run], threshold: float | None = None) -> dict:

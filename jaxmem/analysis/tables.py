@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxmem.analysis import stats, transient
-from jaxmem.analysis.run_io import Run
+from jaxmem.rundir import Run
 
 TABLE1_COLUMNS = ("run", "params", "models", "train_acc", "test_acc", "gap", "memorized")
 TABLE1_HEADERS = {"run": "Run", "params": "Parameters", "models": "Models",
@@ -38,8 +38,8 @@ def table1_rows(runs: Sequence[Run], threshold: float | None = None) -> list[dic
     is on each model's own subset), gap, memorized (count above threshold)."""
     rows = []
     for run in sorted_runs(runs):
-        train_acc = float(np.mean(run.scores["train_acc"][-1]))
-        test_acc = float(np.mean(run.scores["test_acc"][-1]))
+        train_acc = float(np.mean(run.train_acc[-1]))
+        test_acc = float(np.mean(run.test_acc[-1]))
         rows.append({
             "label": stats.run_label(run), "arch": run.config.get("arch", "?"),
             "dataset": stats.dataset_name(run), "family": stats.family(run.config.get("arch", "")),
@@ -104,7 +104,7 @@ def paper_summary(runs: Sequence[Run], threshold: float | None = None,
         stages = stats.run_stages(run, threshold)
         stored = stats.stored_counts(run, threshold)
         entry = {**row, "path": run.path, "stages": stages,
-                 "counts_by_epoch": {"epochs": [int(e) for e in run.scores["epochs"]],
+                 "counts_by_epoch": {"epochs": [int(e) for e in run.epochs],
                                      "count": [int(c) for c in stored]}}
         if stats.for_run(counts, run) is not None:
             entry["counts_by_epoch"] = stats.for_run(counts, run).as_dict()

@@ -14,9 +14,9 @@ import dataclasses
 import numpy as np
 
 from jaxmem.analysis import stats
-from jaxmem.analysis.run_io import Run
-from jaxmem.analysis.scores import DEFAULT_THRESHOLD
 from jaxmem.errors import UserError
+from jaxmem.estimator import DEFAULT_THRESHOLD
+from jaxmem.rundir import Run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,7 @@ def modelwise(run_a: Run, run_b: Run, threshold: float | None = None,
               epoch_a: int | None = None, epoch_b: int | None = None) -> TransientSet:
     """Memorized by run A and not by run B (last evaluated epochs unless given). The runs must
     score the same training set (same labels, in the same order)."""
-    if not np.array_equal(run_a.scores["labels"], run_b.scores["labels"]):
+    if not np.array_equal(run_a.labels, run_b.labels):
         raise UserError(f"{run_a.path} and {run_b.path} do not score the same training set")
     return transient_set(run_a.scores_at(epoch_a), run_b.scores_at(epoch_b),
                          stats.run_threshold(run_a, threshold), stats.run_label(run_a),
@@ -97,7 +97,7 @@ def epochwise(run: Run, threshold: float | None = None,
     threshold = stats.run_threshold(run, threshold)
     if peak_epoch is None:
         peak_epoch = stats.run_stages(run, threshold)["peak_epoch"]
-    last = int(run.scores["epochs"][-1])
+    last = int(run.epochs[-1])
     if peak_epoch is None:  # nothing memorized at any epoch
         peak_epoch = last
     return transient_set(run.scores_at(int(peak_epoch)), run.scores_at(last), threshold,

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxmem import atomic
+
 ENV_VAR = "JAXMEM_DATA"
 DEFAULT_DIR = "~/.cache/jaxmem"
 CACHE_FOLDER = "jaxmem-cache"  # created inside the data dir
@@ -114,7 +116,7 @@ class ArrayWriter:
             os.replace(self._temp[key], self.folder / f"{key}.npy")
         self._arrays.clear()
         self._temp.clear()
-        write_text_atomic(meta_path, json.dumps(meta, indent=1))
+        atomic.write_text(meta_path, json.dumps(meta, indent=1))
         return {key: np.load(self.folder / f"{key}.npy", mmap_mode="r") for key in meta["arrays"]}
 
     def discard(self) -> None:
@@ -129,18 +131,6 @@ class ArrayWriter:
                     folder.rmdir()  # only succeeds when empty
                 except OSError:
                     break
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file and `os.replace`."""
-    fd, temp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(temp_path, path)
-    except BaseException:
-        Path(temp_path).unlink(missing_ok=True)
-        raise
 
 
 def read_cache(folder: Path, source_fingerprint: str) -> tuple[dict[str, np.ndarray], dict] | None:

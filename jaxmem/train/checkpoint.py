@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxmem.errors import UserError
-from jaxmem.fingerprint import check_same
+from jaxmem.rundir.fingerprint import check_same
 
 KEEP_CHECKPOINTS = 2
 

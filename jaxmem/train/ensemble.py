@@ -1,5 +1,6 @@
 """The ensemble form of the per-model step: vmapped over a leading model axis, sharded over
-devices on that axis with `jax.shard_map` (no all-gather of weights; DESIGN.md), jitted once.
+devices on that axis with `jax.shard_map` (jit with a NamedSharding on the model axis would
+all-gather the weights, openxla/xla#47945), jitted once.
 
 Every function here takes the whole on-device dataset and gathers the batch itself, so a step
 moves no image data between host and device: the host sends only the step number.
@@ -79,6 +80,11 @@ class Ensemble:
         return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
                              check_vma=False)
 
+    def zero_totals(self, count: int) -> step_lib.StepTotals:
+        """StepTotals of `count` models, all zero, on their models' devices."""
+        zeros = jax.device_put(jnp.zeros(count, jnp.float32), self.model_sharding)
+        return step_lib.StepTotals(zeros, zeros, zeros)
+
     def _init(self, init_keys):
         def one(key_data):
             return step_lib.init_state(self.spec, jax.random.wrap_key_data(key_data),
@@ -87,8 +93,8 @@ class Ensemble:
         return map_models(one, self.strategy, (0,))(init_keys)
 
     def _train_step(self, states, totals, orders, aug_keys, images, labels, step):
-        """states [M..], totals [M,3], orders [M, S*B] (each model's own example order for the
-        epoch, N marks padding), aug_keys [M] (this epoch's), images [N,H,W,Ch] uint8,
+        """states [M..], totals (StepTotals of [M]), orders [M, S*B] (each model's own example
+        order for the epoch, N marks padding), aug_keys [M] (this epoch's), images [N,H,W,Ch] uint8,
         labels [N], step [].
 
         Each model gathers its own batch from its own subset, so no compute is spent on
@@ -104,7 +110,7 @@ class Ensemble:
                                        weights, jax.random.wrap_key_data(key_data))
 
         states, stats = map_models(one, self.strategy, (0, 0, 0))(states, orders, aug_keys)
-        return states, totals + stats
+        return states, jax.tree.map(jnp.add, totals, stats)
 
     def _evaluate(self, states, images, labels, ids):
         """[M, B] bool correctness of every model on images[ids] (ids clipped to the dataset)."""

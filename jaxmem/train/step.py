@@ -21,6 +21,15 @@ class ModelState(NamedTuple):
     opt_state: optax.OptState
 
 
+class StepTotals(NamedTuple):
+    """Sums over an epoch's steps of one model (each [] float32; [M] for an ensemble): the
+    weighted loss, the correct predictions and the examples trained on (weight 1)."""
+
+    loss_sum: jax.Array
+    correct: jax.Array
+    examples: jax.Array
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class StepSpec:
     """Everything static a step closes over (hashable by identity, so jit traces once)."""
@@ -60,7 +69,7 @@ def train_step(spec: StepSpec, state: ModelState, images, labels, example_ids, w
 
     images [B,H,W,Ch] uint8, labels [B], example_ids [B] (dataset indices, for augmentation
     keys), weights [B] float 0/1, key: this model's augmentation key for the epoch.
-    Returns the new state and [3] float32 (weighted loss sum, weighted correct, weight sum).
+    Returns the new state and this step's StepTotals.
     """
     x = augment(normalize(spec, images), example_ids, key, spec.flip, spec.translate)
     bn_mask = weights > 0
@@ -76,8 +85,8 @@ def train_step(spec: StepSpec, state: ModelState, images, labels, example_ids, w
     params = optax.apply_updates(state.params, updates)
     weight_sum = weights.sum()
     correct = ((logits.argmax(-1) == labels) * weights).sum()
-    stats = jnp.stack([loss * weight_sum, correct, weight_sum]).astype(jnp.float32)
-    return ModelState(params, batch_stats, opt_state), stats
+    totals = StepTotals(*(v.astype(jnp.float32) for v in (loss * weight_sum, correct, weight_sum)))
+    return ModelState(params, batch_stats, opt_state), totals
 
 
 def eval_correct(spec: StepSpec, state: ModelState, images, labels):

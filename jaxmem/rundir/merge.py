@@ -13,14 +13,15 @@ import time
 
 import numpy as np
 
-from jaxmem.analysis.run_io import load_run
 from jaxmem.config import Config
 from jaxmem.errors import UserError
-from jaxmem.fingerprint import check_same
-from jaxmem.train.loop import EnsembleResult
-from jaxmem.train.masks import subset_masks
+from jaxmem.rundir.fingerprint import check_same
+from jaxmem.rundir.record import DataInfo, EnsembleResult, check_output_dir, write_run
+from jaxmem.rundir.store import load_run
 
 PART_WAIT_SECONDS = 24 * 3600
+# config.json entries that say how a part was computed; a merge records the first part's
+PROVENANCE = ("resolved", "num_params", "versions", "backend")
 
 
 def config_of(record: dict) -> Config:
@@ -32,12 +33,11 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
                model_range: str | None = None) -> str:
     """Merge part directories into `out`. model_range: the range the parts must cover
     together (default: all of --num-models)."""
-    from jaxmem.train.runner import DataInfo, check_output_dir, write_run
-
     if not part_dirs:
         raise UserError("no part directories given")
     check_output_dir(out, overwrite)
-    parts = sorted((load_run(p) for p in part_dirs), key=lambda r: int(r.model_indices[0]))
+    parts = sorted((load_run(p, all_models=True) for p in part_dirs),
+                   key=lambda r: int(r.model_indices[0]))
     first = parts[0]
     shared = {k: v for k, v in first.config["fingerprints"].items() if k != "masks"}
     for part in parts[1:]:
@@ -54,6 +54,8 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
         missing = sorted(set(expected) - set(indices))
         raise UserError(f"refusing to merge: parts leave gaps (missing models "
                         f"{_ranges(missing)}) or go beyond {expected[0]}:{expected[-1] + 1}")
+    from jaxmem.masks import subset_masks  # imports jax: only when merging
+
     for part in parts:
         want = subset_masks(config.seed, part.model_indices, len(part.labels),
                             config.subset_ratio)
@@ -68,7 +70,6 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
         correct_test=np.concatenate([p.correct_by_epoch("test") for p in parts], axis=1),
         train_loss=np.concatenate([p.train_loss for p in parts], axis=1),
         train_batch_acc=np.concatenate([p.train_batch_acc for p in parts], axis=1),
-        diverged=np.concatenate([p.diverged for p in parts]),
         train_seconds=sum(p.metrics["train_seconds"] for p in parts),
         eval_seconds=sum(p.metrics["eval_seconds"] for p in parts),
         devices=sorted({d for p in parts for d in p.metrics["devices"]}),
@@ -77,7 +78,9 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
                     tuple(first.config["image_shape"]), first.labels, first.test_labels,
                     first.original_index, {k: v for k, v in first.config["fingerprints"].items()
                                            if k not in ("masks", "settings")})
-    write_run(out, config, info, result, sum(p.metrics["wall_time_s"] for p in parts))
+    provenance = {k: first.config[k] for k in PROVENANCE if k in first.config}
+    write_run(out, config.to_dict(), info, result, sum(p.metrics["wall_time_s"] for p in parts),
+              provenance)
     return out
 
 

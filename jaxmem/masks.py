@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmem.train import keys
+from jaxmem import keys
 
 
 def subset_size(num_examples: int, ratio: float) -> int:
@@ -23,3 +23,9 @@ def subset_masks(seed: int, model_indices, num_examples: int, ratio: float) -> n
         return jnp.zeros(num_examples, bool).at[chosen].set(True)
 
     return np.asarray(jax.jit(jax.vmap(one))(model_keys))
+
+
+def run_masks(config, num_examples: int) -> np.ndarray:
+    """[K, N] masks of the models `config.model_indices()` of a run (a `Config`): the one place
+    a run draws its subsets."""
+    return subset_masks(config.seed, config.model_indices(), num_examples, config.subset_ratio)

@@ -1,0 +1,160 @@
+"""What a run directory holds, computed from a trained ensemble: the estimator's inputs (masks,
+correctness at every evaluated epoch), the scores computed from them over the included models,
+the run's record (config.json) and its summary numbers (metrics.json).
+
+Training and merging both end here, so a merged run equals a single run over the same models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from jaxmem import estimator
+from jaxmem.errors import UserError
+from jaxmem.rundir.fingerprint import result_fingerprints
+from jaxmem.rundir.store import diverged_models, save_run
+
+
+@dataclasses.dataclass
+class EnsembleResult:
+    """Outputs of training K models. E = evaluated epochs.
+
+    model_indices [K]; masks [K,N] bool; correct_train [E,K,N] bool; correct_test
+    [E,K,N_test] bool; train_loss, train_batch_acc [epochs, K] (means over each epoch's own
+    examples); timings in seconds; peak memory per wave in bytes (None where not reported).
+    """
+
+    model_indices: np.ndarray
+    masks: np.ndarray
+    epochs: list[int]
+    correct_train: np.ndarray
+    correct_test: np.ndarray
+    train_loss: np.ndarray
+    train_batch_acc: np.ndarray
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    devices: list[str] = dataclasses.field(default_factory=list)
+    peak_memory_bytes: list[int | None] = dataclasses.field(default_factory=list)
+
+    @property
+    def diverged(self) -> np.ndarray:
+        """[K] bool: the models excluded from every number (store.diverged_models)."""
+        return diverged_models(self.train_loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What a run directory records about its dataset (all a merge needs, no images)."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, ...]
+    labels: np.ndarray
+    test_labels: np.ndarray
+    original_index: np.ndarray
+    fingerprints: dict[str, str]
+
+
+def check_output_dir(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out!r} exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise UserError(f"output directory {out!r} already exists; pass --overwrite to replace it")
+
+
+def write_run(out: str, settings: dict, info: DataInfo, result: EnsembleResult, wall: float,
+              provenance: dict) -> None:
+    """The run directory of `result`. settings: Config.to_dict(); provenance: how it was
+    computed (resolved lowering, parameter count, versions, backend), recorded as given."""
+    record = {
+        **settings,
+        **provenance,
+        "dataset_name": info.name,
+        "num_classes": info.num_classes,
+        "image_shape": list(info.image_shape),
+        "num_train": len(info.labels),
+        "num_test": len(info.test_labels),
+        "models_trained": len(result.model_indices),
+        "fingerprints": {**info.fingerprints, **result_fingerprints(result.masks, settings)},
+        "devices": result.devices,
+    }
+    scores = score_arrays(result, info, settings["min_count"])
+    metrics = summary_metrics(result, scores, settings, wall)
+    save_run(out, record, metrics,
+             {"masks": result.masks, "correct_train": result.correct_train[-1],
+              "correct_test": result.correct_test[-1]},
+             scores, {"train": result.correct_train, "test": result.correct_test})
+
+
+def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int) -> dict:
+    """scores.npz contents: the estimator at every evaluated epoch over the included models,
+    plus per-model accuracies (of every model; a loaded Run filters them)."""
+    keep = ~result.diverged
+    masks = result.masks
+    in_count, out_count = estimator.membership_counts(masks[keep])
+    in_correct, out_correct = estimator.correct_counts(masks[keep],
+                                                       result.correct_train[:, keep])
+    by_epoch = estimator.from_counts(in_correct, out_correct, in_count, out_count, min_count)
+    own = (result.correct_train & masks).sum(-1) / np.maximum(masks.sum(-1), 1)  # [E, K]
+    held = (result.correct_train & ~masks).sum(-1) / np.maximum((~masks).sum(-1), 1)
+    return {
+        "memorization": by_epoch["memorization"][-1],
+        "memorization_se": by_epoch["memorization_se"][-1],
+        "memorization_by_epoch": by_epoch["memorization"],
+        "memorization_se_by_epoch": by_epoch["memorization_se"],
+        "epochs": np.asarray(result.epochs),
+        "train_acc": own,
+        "heldout_acc": held,
+        "test_acc": result.correct_test.mean(-1),
+        "train_loss": result.train_loss,
+        "train_batch_acc": result.train_batch_acc,
+        "labels": info.labels,
+        "test_labels": info.test_labels,
+        "in_count": in_count,
+        "out_count": out_count,
+        "low_count": by_epoch["low_count"],
+        "original_index": info.original_index,
+        "model_indices": result.model_indices,
+        "diverged": result.diverged,
+    }
+
+
+def summary_metrics(result: EnsembleResult, scores: dict, settings: dict, wall: float) -> dict:
+    num_models, num_train = result.masks.shape
+    examples_trained = int(result.masks.sum()) * settings["epochs"]
+    examples_evaluated = num_models * (num_train + result.correct_test.shape[-1]) * len(
+        result.epochs)
+    keep = ~result.diverged
+    scored = not scores["low_count"].all()
+    peaks = [p for p in result.peak_memory_bytes if p is not None]
+    threshold = settings["threshold"]
+    return {
+        "memorized_count": int(estimator.memorized_count(scores["memorization"], threshold)),
+        "memorized_count_by_epoch": [int(c) for c in estimator.memorized_count(
+            scores["memorization_by_epoch"], threshold)],
+        "threshold": threshold,
+        "min_count": settings["min_count"],
+        "low_count_examples": int(scores["low_count"].sum()),
+        "mean_memorization": float(np.nanmean(scores["memorization"])) if scored else None,
+        "max_memorization_se": float(np.nanmax(scores["memorization_se"])) if scored else None,
+        "train_acc": float(scores["train_acc"][-1][keep].mean()) if keep.any() else None,
+        "heldout_acc": float(scores["heldout_acc"][-1][keep].mean()) if keep.any() else None,
+        "test_acc": float(scores["test_acc"][-1][keep].mean()) if keep.any() else None,
+        "num_models": num_models,
+        "num_included_models": int(keep.sum()),
+        "diverged_models": [int(k) for k in result.model_indices[result.diverged]],
+        "wall_time_s": wall,
+        "train_seconds": result.train_seconds,
+        "eval_seconds": result.eval_seconds,
+        "train_model_examples_per_s": examples_trained / max(result.train_seconds, 1e-9),
+        "eval_model_examples_per_s": examples_evaluated / max(result.eval_seconds, 1e-9),
+        "seconds_per_model": wall / num_models,
+        "models_per_hour": 3600.0 * num_models / max(wall, 1e-9),
+        "peak_memory_bytes_per_wave": result.peak_memory_bytes,
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "devices": result.devices,
+        "num_devices": len(result.devices),
+    }

@@ -1,0 +1,213 @@
+"""Writing and reading a run directory (the format is documented in README.md, "The run
+directory").
+
+A loaded `Run` presents the run's *included* models only: a model excluded from the run (its
+loss diverged and `--drop-diverged` dropped it) is left out of every per-model array it gives
+(masks, correctness, accuracies, losses), so no analysis can count it by mistake. The stored
+per-example scores were computed over the included models already.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxmem.errors import UserError
+from jaxmem.estimator import DEFAULT_THRESHOLD
+
+REQUIRED_FILES = ("config.json", "masks.npy", "scores.npz", "metrics.json")
+# scores.npz arrays with one column per model (model axis last): filtered to included models.
+PER_MODEL_SCORES = ("train_acc", "heldout_acc", "test_acc", "train_loss", "train_batch_acc")
+
+
+def diverged_models(train_loss: np.ndarray) -> np.ndarray:
+    """The run's one exclusion rule: [epochs, K] per-epoch losses -> [K] bool, True for a model
+    whose loss was NaN/inf in any epoch. Such a model is excluded from every number."""
+    return ~np.isfinite(np.asarray(train_loss, np.float64)).all(axis=0)
+
+
+class PackedEpochs(Sequence):
+    """A run's correctness [E, K, N] as a lazy sequence of [K, N] bool arrays: the bit-packed
+    file is read once and one epoch is unpacked at a time (CIFAR: 2,000 models x 50,000
+    examples is 100 MB per epoch unpacked, 12.5 MB packed). `models`: rows to keep (None: all)."""
+
+    def __init__(self, path: str, split: str = "train", models: np.ndarray | None = None):
+        file = os.path.join(path, "correct_by_epoch.npz")
+        if not os.path.exists(file):
+            raise UserError(f"{path} has no correct_by_epoch.npz")
+        with np.load(file) as packed:
+            self._bits, self._count = packed[split], int(packed[f"num_{split}"])
+        self._models = models
+
+    def __len__(self) -> int:
+        return len(self._bits)
+
+    def __getitem__(self, epoch):
+        if isinstance(epoch, slice):
+            return [self[e] for e in range(*epoch.indices(len(self)))]
+        bits = self._bits[epoch] if self._models is None else self._bits[epoch][self._models]
+        return np.unpackbits(bits, axis=-1, count=self._count).astype(bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run directory, loaded; its per-model arrays hold the included models only (K of
+    them), its per-example arrays N entries, E = evaluated epochs.
+
+    Per example: memorization [N] (last evaluated epoch), memorization_se [N],
+    memorization_by_epoch, memorization_se_by_epoch [E, N], labels [N], in_count, out_count,
+    low_count [N], original_index [N]; test_labels [N_test]; epochs [E] (1-based).
+    Per model: train_acc (own subset), heldout_acc, test_acc [E, K]; train_loss,
+    train_batch_acc [epochs, K]; model_indices [K]. Excluded models: excluded_models (their
+    indices in the run). Arrays the run stores beyond these are in `extra`.
+    """
+
+    path: str
+    config: dict
+    metrics: dict
+    memorization: np.ndarray
+    memorization_se: np.ndarray
+    memorization_by_epoch: np.ndarray
+    memorization_se_by_epoch: np.ndarray
+    epochs: np.ndarray
+    labels: np.ndarray
+    test_labels: np.ndarray
+    in_count: np.ndarray
+    out_count: np.ndarray
+    low_count: np.ndarray
+    original_index: np.ndarray
+    train_acc: np.ndarray
+    heldout_acc: np.ndarray
+    test_acc: np.ndarray
+    train_loss: np.ndarray
+    train_batch_acc: np.ndarray
+    model_indices: np.ndarray
+    excluded_models: np.ndarray
+    extra: dict[str, np.ndarray]
+    _rows: np.ndarray | None  # rows of the stored per-model arrays that are included (None: all)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """[K, N] bool: masks[k, i] is True when example i is in model k's subset."""
+        return self._array("masks.npy")
+
+    @property
+    def correct_train(self) -> np.ndarray:
+        """[K, N] bool correctness at the last evaluated epoch."""
+        return self._array("correct_train.npy")
+
+    @property
+    def correct_test(self) -> np.ndarray:
+        """[K, N_test] bool correctness at the last evaluated epoch."""
+        return self._array("correct_test.npy")
+
+    def _array(self, name: str) -> np.ndarray:
+        array = np.load(os.path.join(self.path, name), mmap_mode="r")
+        return array if self._rows is None else np.asarray(array[self._rows])
+
+    def correct_epochs(self, split: str = "train") -> PackedEpochs:
+        """Correctness at every evaluated epoch as a lazy sequence of [K, N] (or [K, N_test])."""
+        return PackedEpochs(self.path, split, self._rows)
+
+    def correct_by_epoch(self, split: str = "train") -> np.ndarray:
+        """[E, K, N] bool correctness at every evaluated epoch (split 'train' or 'test')."""
+        epochs = self.correct_epochs(split)
+        return np.stack([epochs[e] for e in range(len(epochs))])
+
+    def memorized(self, threshold: float = DEFAULT_THRESHOLD, epoch: int | None = None):
+        """Indices of examples whose score is above threshold (last evaluated epoch by default)."""
+        scores = self.scores_at(epoch)
+        return np.flatnonzero(np.nan_to_num(scores, nan=-np.inf) > threshold)
+
+    def most_memorized(self, count: int = 10, epoch: int | None = None) -> np.ndarray:
+        """Indices of the `count` highest scores, highest first (NaN scores last)."""
+        scores = np.nan_to_num(self.scores_at(epoch), nan=-np.inf)
+        return np.argsort(-scores, kind="stable")[:count]
+
+    def epoch_position(self, epoch: int | None) -> int:
+        """Position of an evaluated epoch (1-based, as in `epochs`) in the [E, ...] arrays;
+        None = the last one."""
+        epochs = [int(e) for e in self.epochs]
+        if epoch is None:
+            return len(epochs) - 1
+        if epoch not in epochs:
+            raise UserError(f"epoch {epoch} was not evaluated; evaluated epochs: {epochs}")
+        return epochs.index(epoch)
+
+    def scores_at(self, epoch: int | None = None) -> np.ndarray:
+        """Scores [N] at an evaluated epoch (1-based, as in `epochs`); None = the last one."""
+        return self.memorization_by_epoch[self.epoch_position(epoch)]
+
+
+def load_run(path: str, dataset=None, all_models: bool = False) -> Run:
+    """Load a run directory written by `experiments/run.py`.
+
+    dataset: a `jaxmem.data.Dataset` to check against the run's fingerprints (refused with a
+    UserError naming what differs, e.g. a changed label or a reordered training set).
+    all_models: keep excluded (diverged) models in the per-model arrays; only for combining
+    run directories (merge), never for analysis.
+    """
+    missing = [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(path, f))]
+    if missing:
+        raise UserError(f"{path} is not a complete run directory (missing {', '.join(missing)})")
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(path, "metrics.json")) as f:
+        metrics = json.load(f)
+    with np.load(os.path.join(path, "scores.npz")) as archive:
+        scores = {key: archive[key] for key in archive.files}
+    if dataset is not None:
+        from jaxmem.rundir.fingerprint import check_same, dataset_fingerprints
+
+        check_same(config.get("fingerprints", {}), dataset_fingerprints(dataset),
+                   f"dataset {dataset.name!r} does not match run {path}")
+    all_indices = scores["model_indices"]
+    excluded = scores.get("diverged", np.zeros(len(all_indices), bool)).astype(bool)
+    rows = None if all_models or not excluded.any() else np.flatnonzero(~excluded)
+    if rows is not None:
+        for name in PER_MODEL_SCORES:
+            scores[name] = scores[name][..., rows]
+        scores["model_indices"] = all_indices[rows]
+    excluded_models = all_indices[:0] if all_models else all_indices[excluded]
+    fields = {f.name for f in dataclasses.fields(Run)} - {"path", "config", "metrics", "extra",
+                                                         "excluded_models", "_rows"}
+    extra = {k: v for k, v in scores.items() if k not in fields}
+    return Run(os.path.abspath(path), config, metrics, **{k: scores[k] for k in fields},
+               excluded_models=excluded_models, extra=extra, _rows=rows)
+
+
+def save_run(path: str, config: dict, metrics: dict, arrays: dict[str, np.ndarray],
+             scores: dict[str, np.ndarray], correct_by_epoch: dict[str, np.ndarray]) -> None:
+    """Write a run directory atomically: everything goes to a sibling temporary folder that is
+    renamed into place at the end, so an interrupted write never leaves a half run behind.
+
+    arrays: name -> array saved as name.npy (masks, correct_train, correct_test);
+    correct_by_epoch: split -> [E, K, N] bool, saved bit-packed in correct_by_epoch.npz.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    try:
+        for name, value in arrays.items():
+            np.save(os.path.join(staging, f"{name}.npy"), value)
+        np.savez(os.path.join(staging, "scores.npz"), **scores)
+        packed = {}
+        for split, correct in correct_by_epoch.items():
+            packed[split] = np.packbits(correct, axis=-1)
+            packed[f"num_{split}"] = np.int64(correct.shape[-1])
+        np.savez_compressed(os.path.join(staging, "correct_by_epoch.npz"), **packed)
+        for name, record in (("config.json", config), ("metrics.json", metrics)):
+            with open(os.path.join(staging, name), "w") as f:
+                json.dump(record, f, indent=2, sort_keys=True)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,111 @@
+"""Wave planning: how many models train at once, from the compiled step's memory use and the
+devices' free memory."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxmem.train import step as step_lib
+
+
+def wave_slices(num_models: int, per_wave: int, num_devices: int) -> list[tuple[int, int, int]]:
+    """[(start, stop, padded size)]: waves of at most per_wave models, each padded up to a
+    multiple of the device count so that every device holds the same number of models."""
+    per_wave = per_wave or num_models
+    waves = []
+    for start in range(0, num_models, per_wave):
+        stop = min(start + per_wave, num_models)
+        waves.append((start, stop, math.ceil((stop - start) / num_devices) * num_devices))
+    return waves
+
+
+# Share of the free memory a wave may plan to use (the rest: fragmentation, evaluation, XLA).
+MEMORY_FRACTION = 0.7
+
+
+def auto_wave_size(trainer, num_models: int) -> int:
+    """Models per wave that fit the free memory, from the compiled train step's and evaluation's
+    memory use for one model per device: device memory on GPU/TPU; on CPU, where devices report
+    none, the host's available memory shared by the CPU devices."""
+    free = free_memory(trainer.mesh.devices.flat)
+    count = trainer.mesh.size
+    per_model = max(compiled_bytes(trainer, count), 1)
+    per_device = max(1, int(MEMORY_FRACTION * free // per_model))
+    return min(num_models, per_device * count)
+
+
+def compiled_bytes(trainer, count: int) -> int:
+    """Bytes one device needs for one model: the larger of the compiled train step and the
+    compiled evaluation (arguments + outputs - aliased + temporaries), with `count` models on
+    `count` devices."""
+    ensemble = trainer.ensemble
+    sharded = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=ensemble.model_sharding)
+    keys_shape = sharded((count, 2), jnp.uint32)
+    states = jax.eval_shape(ensemble.init, keys_shape)
+    totals = step_lib.StepTotals(*[sharded((count,), jnp.float32)] * 3)
+    train = ensemble.train_step.lower(
+        states, totals, sharded((count, trainer.steps * trainer.config.batch_size), jnp.int32),
+        keys_shape, trainer.x_train, trainer.y_train, 0).compile()
+    ids = jax.ShapeDtypeStruct((trainer.config.eval_batch_size,), jnp.int32)
+    evaluate = ensemble.evaluate.lower(states, trainer.x_train, trainer.y_train, ids).compile()
+    return max(_bytes(train.memory_analysis()), _bytes(evaluate.memory_analysis()))
+
+
+def _bytes(usage) -> int:
+    return (usage.argument_size_in_bytes + usage.output_size_in_bytes
+            - usage.alias_size_in_bytes + usage.temp_size_in_bytes)
+
+
+def free_memory(devices) -> int:
+    """Smallest free memory of one device in bytes: reported device memory (GPU, TPU), else the
+    host's available memory split evenly over the devices (CPU devices share it)."""
+    devices = list(devices)
+    stats = [d.memory_stats() for d in devices]
+    if all(s and "bytes_limit" in s for s in stats):
+        return min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+    return host_available_memory() // len(devices)
+
+
+def host_available_memory() -> int:
+    """The host's available memory in bytes (Linux MemAvailable: free plus reclaimable cache),
+    or, where /proc/meminfo is missing, the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-resident-memory window for `peak_memory` on CPU (Linux: writing 5 to
+    /proc/self/clear_refs resets VmHWM); device peaks (GPU, TPU) are not resettable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(devices) -> int | None:
+    """Largest peak bytes in use over the devices where the backend reports it (GPU, TPU), else
+    the process's peak resident memory since `reset_peak_memory` (VmHWM; None if unknown)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+    peaks = [p for p in peaks if p is not None]
+    if peaks:
+        return max(peaks)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
