@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its checkpoints (<out>.partial)")
+    parser.add_argument("--grow", action="store_true",
+                        help="add models to the finished run at --out (same settings, fewer "
+                             "models) up to --num-models, or until --until-se is met")
     parser.add_argument("--distributed", action="store_true",
                         help="multi-host run: call jax.distributed.initialize (cluster "
                              "auto-detection, or the three flags below)")
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             print("note: bfloat16 trains about 1.5x slower than float32 on CPU (it pays off on "
                   "GPU and TPU)", file=sys.stderr)
         run(config, out, overwrite=args.overwrite, resume=args.resume,
-            progress=not args.no_progress)
+            progress=not args.no_progress, grow=args.grow)
         if jax.process_index() == 0:
             print(summary(out, load_run(out).metrics))
         return 0

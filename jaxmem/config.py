@@ -61,8 +61,11 @@ class Config:
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} must be >= 1, got {getattr(self, name)}")
-        if self.models_per_wave < 0 or self.min_count < 0:
-            raise UserError("--models-per-wave and --min-count must be >= 0")
+        if self.models_per_wave < 0:
+            raise UserError(f"--models-per-wave must be >= 0, got {self.models_per_wave}")
+        if self.min_count < 2:
+            raise UserError(f"--min-count must be >= 2 (a standard error needs two in- and two "
+                            f"held-out models), got {self.min_count}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise UserError("--lr must be > 0, --weight-decay >= 0 and --momentum in [0, 1)")
         if not 0.0 <= self.lr_peak_fraction <= 1.0:

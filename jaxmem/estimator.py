@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxmem.errors import UserError
+
 DEFAULT_THRESHOLD = 0.25
 DEFAULT_MIN_COUNT = 5  # fewer in- or held-out models than this: the score is NaN, and flagged
 
@@ -35,11 +37,14 @@ def from_counts(in_correct, out_correct, in_count, out_count,
     Returns memorization and memorization_se ([..., N] float64, NaN where `low_count`),
     and low_count [N] bool (fewer than min_count in- or held-out models).
     The standard error is that of a difference of two independent Bernoulli means, each with
-    the unbiased variance: sqrt(p_in(1-p_in)/(n_in-1) + p_out(1-p_out)/(n_out-1)).
+    the unbiased variance: sqrt(p_in(1-p_in)/(n_in-1) + p_out(1-p_out)/(n_out-1)). It is 0 when
+    every in-model and every held-out model agree (p_in and p_out each 0 or 1): a plug-in
+    estimate, not a confidence statement; for that, use the per-example exact test
+    (`jaxmem.significance`), which accounts for how few models a small ensemble has.
     """
     in_count = np.asarray(in_count, np.float64)
     out_count = np.asarray(out_count, np.float64)
-    low_count = (in_count < max(min_count, 2)) | (out_count < max(min_count, 2))
+    low_count = too_few_models(in_count, out_count, min_count)
     with np.errstate(divide="ignore", invalid="ignore"):
         p_in = np.asarray(in_correct, np.float64) / in_count
         p_out = np.asarray(out_correct, np.float64) / out_count
@@ -48,6 +53,15 @@ def from_counts(in_correct, out_correct, in_count, out_count,
     memorization = np.where(low_count, np.nan, memorization)
     se = np.where(low_count, np.nan, se)
     return {"memorization": memorization, "memorization_se": se, "low_count": low_count}
+
+
+def too_few_models(in_count, out_count, min_count: int = DEFAULT_MIN_COUNT) -> np.ndarray:
+    """[N] bool: fewer than min_count (>= 2, so that a standard error exists) in- or held-out
+    models; such an example's score is NaN."""
+    if min_count < 2:
+        raise UserError(f"min_count must be >= 2 (a standard error needs two in- and two "
+                        f"held-out models), got {min_count}")
+    return (np.asarray(in_count) < min_count) | (np.asarray(out_count) < min_count)
 
 
 def memorization_scores(masks, correct, min_count: int = DEFAULT_MIN_COUNT):

@@ -1,7 +1,7 @@
 """Explicit randomness: every key derives from (seed, purpose, model index[, epoch]) alone.
 
 So model k gets the same subset, init, augmentation and batch order whether it is trained in a
-wave of 1, of 64, on one device or on four (DESIGN.md, property 2).
+wave of 1, of 64, on one device or on four (docs/design.md, property 2).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from jaxmem.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--arch=tiny_cnn", "--num-models=6", "--epochs=2", "--batch-size=256", "--eval-every=1",
-        "--min-count=1", "--no-progress"]
+        "--min-count=2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

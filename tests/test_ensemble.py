@@ -1,4 +1,4 @@
-"""DESIGN property 2: model k's result does not depend on how the ensemble was laid out.
+"""Property 2 (docs/design.md): model k's result does not depend on how the ensemble was laid out.
 
 One wave, waves of one model, the unrolled mapping, and 4 (simulated) devices with padded waves
 all give the same masks, losses and correctness.

@@ -58,6 +58,28 @@ def test_batchnorm_mask_equals_subset():
                  full_stats, sub_stats)
 
 
+@pytest.mark.parametrize("poison", [np.inf, np.nan])
+def test_batchnorm_rows_outside_the_mask_change_nothing_even_when_not_finite(poison):
+    bn = BatchNorm()
+    x = jax.random.normal(jax.random.key(1), (6, 2, 2, 3))
+    mask = jnp.array([1, 0, 1, 1, 0, 1], bool)
+    variables = bn.init(jax.random.key(0), x, False)
+
+    def forward(params, inputs):
+        y, updates = bn.apply({**variables, "params": params}, inputs, True, mask,
+                              mutable=["batch_stats"])
+        return (y ** 2).sum(), (y, updates["batch_stats"])
+
+    grad_of = jax.grad(forward, has_aux=True)
+    clean_grads, (clean_y, clean_stats) = grad_of(variables["params"], x)
+    poisoned = x.at[1].set(poison).at[4, 0, 1, 2].set(poison)
+    grads, (y, stats) = grad_of(variables["params"], poisoned)
+    np.testing.assert_array_equal(y, clean_y)  # kept rows equal, masked rows 0 in both
+    assert not np.asarray(y)[~np.asarray(mask)].any()
+    jax.tree.map(np.testing.assert_array_equal, stats, clean_stats)
+    jax.tree.map(np.testing.assert_array_equal, grads, clean_grads)
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 4), (1, 2, 2, 1)])
 def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(shape):
     x = jax.random.normal(jax.random.key(0), shape)  # no ties: the gradients agree exactly

@@ -12,13 +12,13 @@ import time
 import numpy as np
 import pytest
 
-from jaxmem import load_run
+from jaxmem import estimator, load_run
 from jaxmem.config import Config
 from jaxmem.data import load
 from jaxmem.data.synthetic import make
 from jaxmem.errors import UserError
 from jaxmem.rundir.merge import merge_runs
-from jaxmem.train.loop import DivergedError, below_target_se
+from jaxmem.train.loop import DivergedError
 from jaxmem.train.runner import run, work_dir_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ def npz(tmp_path_factory):
 
 def config_for(npz, **changes):
     base = Config(arch="tiny_cnn", dataset=npz, num_models=4, models_per_wave=2, epochs=4,
-                  eval_every=2, batch_size=64, seed=7, min_count=1)
+                  eval_every=2, batch_size=64, seed=7, min_count=2)
     return dataclasses.replace(base, **changes)
 
 
@@ -69,7 +69,7 @@ def test_killed_run_refuses_changed_inputs_then_resumes_to_the_same_scores(
     out = str(tmp_path / "run")
     work = work_dir_of(out)
     args = [sys.executable, RUN_PY, f"--dataset={npz}", "--num-models=4", "--models-per-wave=2",
-            "--epochs=4", "--eval-every=2", "--batch-size=64", "--seed=7", "--min-count=1",
+            "--epochs=4", "--eval-every=2", "--batch-size=64", "--seed=7", "--min-count=2",
             f"--out={out}", "--no-progress"]
     child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -157,18 +157,39 @@ def test_divergence_stops_with_model_indices_or_is_dropped(npz, tmp_path):
     assert len(dropped.model_indices) == 0 and np.isnan(dropped.memorization).all()
 
 
-def test_until_se_stops_at_the_first_wave_that_reaches_the_target(npz, tmp_path):
-    config = config_for(npz, num_models=16, models_per_wave=2, epochs=1, eval_every=1,
-                        subset_ratio=0.5, until_se=0.75, min_count=2)
-    result = load_run(run(config, str(tmp_path / "se"), progress=False))
+def test_until_se_grows_a_run_until_the_standard_errors_are_below_the_target(npz, tmp_path):
+    """Grown with --until-se from 2 models: waves of 2 are added until every standard error is
+    below 0.4, which the standard errors (not only the counts of models) decide."""
+    target, out = 0.4, str(tmp_path / "se")
+    config = config_for(npz, num_models=16, epochs=1, eval_every=1, subset_ratio=0.5)
+    run(dataclasses.replace(config, num_models=2), out, progress=False)
+    with pytest.raises(UserError, match="until-se chooses K"):
+        run(dataclasses.replace(config, until_se=target, model_range="0:8"), out + "-part",
+            progress=False)
+    result = load_run(run(dataclasses.replace(config, until_se=target), out, grow=True,
+                          progress=False))
     used = result.metrics["num_models"]
-    assert 4 <= used < 16 and used % 2 == 0
-    assert result.metrics["max_memorization_se"] < 0.75 and not result.low_count.any()
-    # one wave fewer had not reached the target
-    fewer = used - 2
-    wave = {"correct_train": np.asarray(result.correct_train)[None, :fewer],
-            "train_loss": np.zeros((1, fewer))}
-    assert not below_target_se(np.asarray(result.masks)[:fewer], [wave], config)
+    assert 4 <= used < 16 and used % 2 == 0 and list(result.model_indices) == list(range(used))
+    assert result.metrics["max_memorization_se"] < target and not result.low_count.any()
+    # with one wave fewer every example had enough models, but some standard error was above
+    masks, correct = np.asarray(result.masks), np.asarray(result.correct_train)
+    fewer = estimator.memorization_scores(masks[:used - 2], correct[:used - 2], 2)
+    assert not fewer["low_count"].any() and np.nanmax(fewer["memorization_se"]) >= target
+
+
+def test_a_grown_run_equals_a_fresh_run_with_more_models(npz, uninterrupted, tmp_path):
+    out = str(tmp_path / "grown")
+    run(config_for(npz, num_models=2), out, progress=False)
+    with pytest.raises(UserError, match="refusing to add models .* settings fingerprint"):
+        run(config_for(npz, lr=0.2), out, grow=True, progress=False)
+    grown = load_run(run(config_for(npz), out, grow=True, progress=False))
+    assert_same_run(grown, uninterrupted)  # masks, correctness and scores bit for bit
+    np.testing.assert_array_equal(grown.memorization_se_by_epoch,
+                                  uninterrupted.memorization_se_by_epoch)
+    assert grown.config["num_models"] == grown.metrics["num_models"] == 4
+    assert not os.path.exists(out + ".grow")
+    with pytest.raises(UserError, match="already holds 4 models"):
+        run(config_for(npz), out, grow=True, progress=False)
 
 
 def free_port() -> int:
@@ -182,7 +203,7 @@ def test_two_processes_on_loopback_equal_a_single_process(npz, uninterrupted, tm
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen(
         [sys.executable, RUN_PY, f"--dataset={npz}", "--num-models=4", "--epochs=4",
-         "--eval-every=2", "--batch-size=64", "--seed=7", "--min-count=1", f"--out={out}",
+         "--eval-every=2", "--batch-size=64", "--seed=7", "--min-count=2", f"--out={out}",
          "--no-progress", "--distributed", f"--coordinator-address=127.0.0.1:{port}",
          "--num-processes=2", f"--process-id={p}"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for p in range(2)]

@@ -89,7 +89,7 @@ def make_config(dataset: str, arch: str, quick: bool, args: argparse.Namespace):
 
 def train_missing(out: str, quick: bool, args: argparse.Namespace) -> None:
     """Train every run of the grid whose directory is not complete yet."""
-    from jaxmem.train.runner import run
+    from jaxmem.train.runner import run, work_dir_of
 
     for dataset, arch in grid(quick, args.archs, args.datasets):
         path = run_dir(out, dataset, arch)
@@ -100,7 +100,8 @@ def train_missing(out: str, quick: bool, args: argparse.Namespace) -> None:
         print(f"[train] {dataset}/{arch}: {config.num_models} models x {config.epochs} epochs",
               flush=True)
         started = time.perf_counter()
-        run(config, out=path, overwrite=True, progress=not args.quiet)
+        resume = os.path.isdir(work_dir_of(path))  # an interrupted run continues
+        run(config, out=path, resume=resume, progress=not args.quiet)
         print(f"[done] {path} in {time.perf_counter() - started:.0f} s", flush=True)
 
 

@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 
+from jaxmem import estimator
 from jaxmem.analysis import stats
 from jaxmem.errors import UserError
 from jaxmem.estimator import DEFAULT_MIN_COUNT, DEFAULT_THRESHOLD
@@ -56,7 +57,7 @@ def influence(masks: np.ndarray, correct_test: np.ndarray, rows: np.ndarray | No
         in_correct = members @ test  # [b, N_test]
         with np.errstate(divide="ignore", invalid="ignore"):
             block = in_correct / in_count - (total - in_correct) / out_count
-        low = (in_count < max(min_count, 2)) | (out_count < max(min_count, 2))  # as in scores.py
+        low = estimator.too_few_models(in_count, out_count, min_count)
         result[start:start + len(members)] = np.where(low, np.nan, block)
     if out is not None:
         result.flush()

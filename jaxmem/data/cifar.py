@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxmem.data import locate
-from jaxmem.data.dataset import Dataset
+from jaxmem.data.dataset import Dataset, normalization
 from jaxmem.errors import UserError
 
 IMAGE_SIZE = 32
@@ -95,7 +95,7 @@ def load_cifar(spec: CifarSpec, data_dir: str | None = None) -> Dataset:
         spec.name, root, locate.fingerprint(source.files, extra=spec.name),
         lambda writer: _decode(spec, source, writer))
     return Dataset(spec.name, arrays["x_train"], arrays["y_train"], arrays["x_test"],
-                   arrays["y_test"], spec.num_classes, tuple(meta["mean"]), tuple(meta["std"]),
+                   arrays["y_test"], spec.num_classes, *normalization(spec.name, 3),
                    flip=FLIP, translate=TRANSLATE, original_index=arrays["original_index"])
 
 
@@ -212,5 +212,4 @@ def _decode(spec: CifarSpec, source: _Source, writer: locate.ArrayWriter) -> dic
         stored[split] = images
         del parts
     writer.put("original_index", np.arange(len(stored["train"]), dtype=np.int64))
-    mean, std = locate.channel_stats_chunked(stored["train"])
-    return {"mean": mean, "std": std}
+    return {}

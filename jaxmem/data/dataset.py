@@ -15,7 +15,7 @@ class Dataset:
 
     x_train: [N, H, W, Ch] uint8      y_train: [N] int32
     x_test:  [N_test, H, W, Ch] uint8 y_test:  [N_test] int32
-    mean, std: per-channel statistics of x_train in [0, 1] units, used to normalise inputs.
+    mean, std: per-channel constants in [0, 1] units that normalise inputs (`normalization`).
     flip, translate: the default augmentation (horizontal flip; shift by up to `translate` px).
     original_index: [N] int64, position of each training example in the official file order.
     subpop_size: [N] int64 or None; ground-truth sub-population size (synthetic data only).
@@ -51,11 +51,25 @@ class Dataset:
         return len(self.y_test)
 
 
-def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images [N, H, W, Ch] in [0, 1] units."""
-    scaled = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
-    std = np.maximum(scaled.std(axis=0), 1e-3)
-    return tuple(float(v) for v in scaled.mean(axis=0)), tuple(float(v) for v in std)
+# Input normalisation constants (per channel, in [0, 1] units), fixed per dataset and never
+# computed from the images a run trains on, so a held-out image cannot change any model's input
+# scaling. CIFAR and Tiny ImageNet: the usual published training-set statistics; digits: the
+# statistics of all 1,797 images, computed once; anything else (a user's file, synthetic data):
+# GENERIC_MEAN and GENERIC_STD in every channel.
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "tiny_imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
+    "digits": ((0.3053,), (0.3759,)),
+}
+GENERIC_MEAN, GENERIC_STD = 0.5, 0.25
+
+
+def normalization(name: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel for dataset `name` with `channels` channels."""
+    if name in NORMALIZATION:
+        return NORMALIZATION[name]
+    return (GENERIC_MEAN,) * channels, (GENERIC_STD,) * channels
 
 
 def validate_arrays(name: str, x_train, y_train, x_test, y_test) -> tuple[np.ndarray, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxmem.data.dataset import Dataset, channel_stats
+from jaxmem.data.dataset import Dataset, normalization
 
 TEST_FRACTION = 0.3
 SPLIT_SEED = 0
@@ -20,6 +20,5 @@ def load(data_dir: str | None = None) -> Dataset:
     order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
     num_test = int(round(TEST_FRACTION * len(labels)))
     test, train = np.sort(order[:num_test]), np.sort(order[num_test:])
-    mean, std = channel_stats(images[train])
     return Dataset("digits", images[train], labels[train], images[test], labels[test], 10,
-                   mean, std, flip=False, translate=1, original_index=train)
+                   *normalization("digits", 1), flip=False, translate=1, original_index=train)

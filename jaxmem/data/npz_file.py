@@ -7,7 +7,7 @@ import zipfile
 
 import numpy as np
 
-from jaxmem.data.dataset import Dataset, channel_stats, validate_arrays
+from jaxmem.data.dataset import Dataset, normalization, validate_arrays
 from jaxmem.errors import UserError
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -28,7 +28,7 @@ def load(path: str) -> Dataset:
         raise UserError(f"{path}: not a readable .npz file ({err})") from None
     x_train, y_train, x_test, y_test = validate_arrays(path, **arrays)
     num_classes = int(max(y_train.max(), y_test.max())) + 1
-    mean, std = channel_stats(x_train)
     name = os.path.splitext(os.path.basename(path))[0]
-    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, mean, std,
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes,
+                   *normalization("", x_train.shape[-1]),
                    flip=False, translate=0)

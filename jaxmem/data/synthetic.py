@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxmem.data.dataset import Dataset, channel_stats
+from jaxmem.data.dataset import Dataset, normalization
 
 # Sizes of the sub-populations of every class: a long tail of singletons, a head of big groups.
 SUBPOP_SIZES = (1, 1, 1, 1, 1, 1, 2, 2, 4, 8, 16, 32)
@@ -37,8 +37,8 @@ def make(seed: int = 0, num_classes: int = NUM_CLASSES, sizes=SUBPOP_SIZES,
     x_test, y_test, _ = sample(np.full(len(subpop_sizes), TEST_PER_SUBPOP))
     order = rng.permutation(len(y_train))  # interleave groups so batches mix them
     x_train, y_train, train_subpop = x_train[order], y_train[order], train_subpop[order]
-    mean, std = channel_stats(x_train)
-    return Dataset("synthetic", x_train, y_train, x_test, y_test, num_classes, mean, std,
+    return Dataset("synthetic", x_train, y_train, x_test, y_test, num_classes,
+                   *normalization("synthetic", image_shape[-1]),
                    flip=False, translate=0, subpop_size=subpop_sizes[train_subpop].astype(np.int64))
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxmem.data import cifar, locate
-from jaxmem.data.dataset import Dataset
+from jaxmem.data.dataset import Dataset, normalization
 from jaxmem.errors import UserError
 
 SPLITS = ("train", "test")
@@ -88,7 +88,7 @@ def load_tfds_cifar(name: str, num_classes: int, data_dir: str | None = None) ->
         f"tfds-{name}", root, locate.fingerprint(files, extra=f"tfds:{name}"),
         lambda writer: _decode(builder, name, num_classes, writer))
     return Dataset(name, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
-                   num_classes, tuple(meta["mean"]), tuple(meta["std"]), flip=cifar.FLIP,
+                   num_classes, *normalization(name, 3), flip=cifar.FLIP,
                    translate=cifar.TRANSLATE, original_index=arrays["original_index"])
 
 
@@ -109,8 +109,7 @@ def _decode(builder, name: str, num_classes: int, writer: locate.ArrayWriter) ->
     for split, source in zip(SPLITS, sources, strict=True):
         stored[split] = _read_split(source, split, name, num_classes, where, writer)
     writer.put("original_index", np.arange(len(stored["train"]), dtype=np.int64))
-    mean, std = locate.channel_stats_chunked(stored["train"])
-    return {"mean": mean, "std": std, "tfds_version": str(builder.info.version)}
+    return {"tfds_version": str(builder.info.version)}
 
 
 def _read_split(source, split, name, num_classes, where, writer) -> np.ndarray:

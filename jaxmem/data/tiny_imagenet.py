@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from jaxmem.data import locate
-from jaxmem.data.dataset import Dataset
+from jaxmem.data.dataset import Dataset, normalization
 from jaxmem.errors import UserError
 
 NAME = "tiny_imagenet"
@@ -53,7 +53,7 @@ def load(data_dir: str | None = None) -> Dataset:
     finally:
         tree.close()
     return Dataset(NAME, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
-                   len(listing.wnids), tuple(meta["mean"]), tuple(meta["std"]),
+                   len(listing.wnids), *normalization(NAME, 3),
                    flip=FLIP, translate=TRANSLATE, original_index=arrays["original_index"])
 
 
@@ -245,5 +245,4 @@ def _decode(tree, listing: _Listing, writer: locate.ArrayWriter) -> dict:
     writer.put("y_train", listing.train_labels)
     writer.put("y_test", listing.test_labels)
     writer.put("original_index", np.arange(len(listing.train_files), dtype=np.int64))
-    mean, std = locate.channel_stats_chunked(x_train)
-    return {"mean": mean, "std": std}
+    return {}

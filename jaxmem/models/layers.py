@@ -2,7 +2,7 @@
 
 Models are written for ONE model; the trainer adds the model axis with `jax.vmap`. Under vmap a
 `lax.conv` whose input differs per model lowers to a grouped convolution, which is slow on CPU
-(DESIGN.md: 3.7 GFLOP/s vs 22 single-model) and its backward pass is slow on GPU too
+(BENCHMARKS.md: 3.7 GFLOP/s vs 22 single-model) and its backward pass is slow on GPU too
 (jax-ml/jax#13800). `conv_impl="im2col"` writes the same convolution as shifted slices and one
 matmul, which vmap turns into a batched matmul instead. Both take the same parameters, so a run
 can switch lowering without changing results (tests/test_layers.py checks outputs and grads).
@@ -84,10 +84,16 @@ class Conv(nn.Module):
 class BatchNorm(nn.Module):
     """BatchNorm whose training statistics use only the examples with mask 1.
 
-    x [B, ..., F]; mask [B] bool/float or None (all examples). A held-out example (mask 0) has no
-    influence on the output of the others nor on the running statistics. A batch with no masked-in
-    example keeps the old running statistics and stays finite (no 0/0), so a model whose subset
-    misses a whole batch is unharmed. Statistics are computed in float32 whatever the input dtype.
+    x [B, ..., F]; mask [B] bool/float or None (all examples). An example outside the mask (the
+    padding of an epoch's last batch) has no influence on the output of the others, on the
+    running statistics or on any gradient, even when it holds inf or NaN (rows are selected
+    away, never multiplied by 0), and its own output is 0. A batch with no masked-in example
+    keeps the old running statistics and stays finite (no 0/0). Statistics are computed in
+    float32 whatever the input dtype.
+
+    Kept instead of `flax.linen.BatchNorm(...)(x, mask=...)`, which gives the same outputs and
+    statistics on finite inputs (max difference 5e-7) but NaN parameter gradients when a
+    masked-out row holds a NaN, and NaN running statistics for an all-masked batch.
     """
 
     momentum: float = 0.9
@@ -100,28 +106,33 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,))
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
-        if train:
-            xf = x.astype(jnp.float32)
-            axes = tuple(range(x.ndim - 1))
-            if mask is None:
-                weights = jnp.ones((x.shape[0],) + (1,) * (x.ndim - 1), jnp.float32)
-            else:
-                weights = mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
-            per_example = 1
-            for size in x.shape[1:-1]:
-                per_example *= size
-            count = weights.sum() * per_example
-            denom = jnp.maximum(count, 1.0)
-            mean = (xf * weights).sum(axes) / denom
-            var = (jnp.square(xf - mean) * weights).sum(axes) / denom
-            if not self.is_initializing():
-                seen = count > 0
-                m = self.momentum
-                running_mean.value = jnp.where(seen, m * running_mean.value + (1 - m) * mean,
-                                               running_mean.value)
-                running_var.value = jnp.where(seen, m * running_var.value + (1 - m) * var,
-                                              running_var.value)
-        else:
-            mean, var = running_mean.value, running_var.value
+        if not train:
+            inv = jax.lax.rsqrt(running_var.value + self.epsilon) * scale
+            return ((x - running_mean.value.astype(x.dtype)) * inv.astype(x.dtype)
+                    + bias.astype(x.dtype))
+        xf = x.astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        keep = jnp.ones(x.shape[:1], bool) if mask is None else mask.astype(bool)
+        keep = keep.reshape(shape)
+        # Rows outside the mask are selected away (jnp.where), never multiplied by 0, so an
+        # inf or NaN there cannot reach the statistics, the other rows or the gradients.
+        xf = jnp.where(keep, xf, 0.0)
+        per_example = 1
+        for size in x.shape[1:-1]:
+            per_example *= size
+        count = keep.sum() * per_example
+        denom = jnp.maximum(count, 1.0)
+        mean = xf.sum(axes) / denom
+        var = jnp.where(keep, jnp.square(xf - mean), 0.0).sum(axes) / denom
+        if not self.is_initializing():
+            seen = count > 0
+            m = self.momentum
+            running_mean.value = jnp.where(seen, m * running_mean.value + (1 - m) * mean,
+                                           running_mean.value)
+            running_var.value = jnp.where(seen, m * running_var.value + (1 - m) * var,
+                                          running_var.value)
         inv = jax.lax.rsqrt(var + self.epsilon) * scale
-        return (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
+        y = (xf.astype(x.dtype) - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(
+            x.dtype)
+        return jnp.where(keep, y, jnp.zeros((), x.dtype))

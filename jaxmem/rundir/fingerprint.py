@@ -16,12 +16,18 @@ from jaxmem.errors import UserError
 
 # Settings that change no result (only speed, placement or where things are).
 EXECUTION_SETTINGS = ("data_dir", "eval_batch_size", "models_per_wave", "conv_impl", "ensemble",
-                      "model_range", "until_se", "drop_diverged")
+                      "model_range")
+# Settings that decide which models a run holds and keeps, not what any model computes: model k
+# is the same model in a run of 500 and of 1,000. The settings fingerprint leaves them out so
+# that parts and grown runs of one ensemble combine; the masks fingerprint and the merge's
+# coverage checks account for them.
+ENSEMBLE_SETTINGS = ("num_models", "until_se", "drop_diverged")
 
 # How models are trained from the settings; bump it when the same settings give other results
-# (2: each model draws its batches from its own subset instead of masking shared batches), so
+# (2: each model draws its batches from its own subset instead of masking shared batches; 3:
+# fixed per-dataset normalisation constants instead of statistics of the training images), so
 # that resume and merge refuse parts trained the old way.
-TRAINING_SCHEME = 2
+TRAINING_SCHEME = 3
 
 
 def array_hash(array) -> str:
@@ -38,7 +44,8 @@ def dataset_fingerprints(dataset) -> dict[str, str]:
 
 
 def settings_hash(settings: dict) -> str:
-    relevant = {k: v for k, v in sorted(settings.items()) if k not in EXECUTION_SETTINGS}
+    ignored = EXECUTION_SETTINGS + ENSEMBLE_SETTINGS
+    relevant = {k: v for k, v in sorted(settings.items()) if k not in ignored}
     relevant["training_scheme"] = TRAINING_SCHEME
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

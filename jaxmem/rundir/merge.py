@@ -31,8 +31,9 @@ def config_of(record: dict) -> Config:
 
 def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
                model_range: str | None = None) -> str:
-    """Merge part directories into `out`. model_range: the range the parts must cover
-    together (default: all of --num-models)."""
+    """Merge part directories into `out` (which may be one of the parts: it is replaced
+    atomically). model_range: the range the parts must cover together (default: all of the
+    largest --num-models among the parts; with --until-se, up to the last model trained)."""
     if not part_dirs:
         raise UserError("no part directories given")
     check_output_dir(out, overwrite)
@@ -43,9 +44,13 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
     for part in parts[1:]:
         check_same(shared, part.config["fingerprints"],
                    f"refusing to merge {part.path} with {first.path}")
-    config = dataclasses.replace(config_of(first.config), model_range=model_range)
+    # Parts may differ in --num-models (a grown run): the merged run holds the largest K.
+    config = dataclasses.replace(config_of(first.config), model_range=model_range,
+                                 num_models=max(int(p.config["num_models"]) for p in parts))
     indices = np.concatenate([p.model_indices for p in parts])
     expected = np.asarray(config.model_indices())
+    if config.until_se is not None:  # stopped at the target: the models up to the last one
+        expected = expected[expected <= indices.max()]
     values, counts = np.unique(indices, return_counts=True)
     if (counts > 1).any():
         raise UserError(f"refusing to merge: parts overlap (models "

@@ -205,9 +205,11 @@ def save_run(path: str, config: dict, metrics: dict, arrays: dict[str, np.ndarra
         for name, record in (("config.json", config), ("metrics.json", metrics)):
             with open(os.path.join(staging, name), "w") as f:
                 json.dump(record, f, indent=2, sort_keys=True)
-        if os.path.exists(path):
-            shutil.rmtree(path)
+        replaced = f"{staging}.old"
+        if os.path.exists(path):  # kept under another name until the new one is in place
+            os.replace(path, replaced)
         os.replace(staging, path)
+        shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -18,7 +18,7 @@ from jaxmem import estimator, keys, models
 from jaxmem.config import Config
 from jaxmem.data import Dataset
 from jaxmem.errors import UserError
-from jaxmem.rundir import EnsembleResult, diverged_models
+from jaxmem.rundir import EnsembleResult, Run, diverged_models
 from jaxmem.train import lowering
 from jaxmem.train.checkpoint import WorkDir
 from jaxmem.train.ensemble import Ensemble, make_mesh
@@ -160,10 +160,12 @@ class Trainer:
 
 
 def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=None,
-                   progress: bool = True, work: WorkDir | None = None) -> EnsembleResult:
+                   progress: bool = True, work: WorkDir | None = None,
+                   prior: Run | None = None) -> EnsembleResult:
     """Train the models config.model_indices(), whose subsets are the rows of masks [K, N].
 
-    With config.until_se, waves stop as soon as every example's standard error is below it.
+    With config.until_se, waves stop as soon as every example's standard error is below it,
+    counting the models of `prior` (a finished run these models are added to) too.
     """
     indices = np.asarray(config.model_indices())
     if masks.shape != (len(indices), dataset.num_train):
@@ -175,6 +177,9 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
     bar = tqdm(total=len(waves) * config.epochs * trainer.steps, unit="step",
                disable=not progress, dynamic_ncols=True)
     done = []
+    before = [] if prior is None else [{
+        "masks": np.asarray(prior.masks), "correct_train": prior.correct_train[None],
+        "train_loss": prior.train_loss}]
     for wave, (start, stop, padded) in enumerate(waves):
         arrays = work.load_wave(wave) if work else None
         if arrays is None:
@@ -185,8 +190,10 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
         else:
             bar.update(config.epochs * trainer.steps)
         done.append(arrays)
-        if config.until_se is not None and below_target_se(masks[:stop], done, config):
-            bar.write(f"every standard error is below {config.until_se} after {stop} models")
+        arrays["masks"] = masks[start:stop]
+        if config.until_se is not None and below_target_se(before + done, config):
+            bar.write(f"every standard error is below {config.until_se} after "
+                      f"{sum(len(w['masks']) for w in before) + stop} models")
             break
     bar.close()
     used = sum(a["train_loss"].shape[1] for a in done)
@@ -199,9 +206,13 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
         [int(a["peak_memory_bytes"]) if a["peak_memory_bytes"] >= 0 else None for a in done])
 
 
-def below_target_se(masks: np.ndarray, waves: list[dict], config: Config) -> bool:
-    """Is the largest per-example standard error (last evaluated epoch) below --until-se?"""
-    correct = np.concatenate([w["correct_train"][-1] for w in waves], axis=0)
-    keep = ~diverged_models(np.concatenate([w["train_loss"] for w in waves], axis=1))
+def below_target_se(waves: list[dict], config: Config) -> bool:
+    """Is the largest per-example standard error (last evaluated epoch) of the models of
+    `waves` (each with masks [m, N], correct_train [E, m, N], train_loss [epochs, m]) below
+    --until-se? Excluded (diverged) models do not count."""
+    masks = np.concatenate([w["masks"] for w in waves])
+    correct = np.concatenate([w["correct_train"][-1] for w in waves])
+    losses = np.concatenate([w["train_loss"] for w in waves], axis=1)
+    keep = ~diverged_models(losses)
     scores = estimator.memorization_scores(masks[keep], correct[keep], config.min_count)
     return not scores["low_count"].any() and np.nanmax(scores["memorization_se"]) < config.until_se

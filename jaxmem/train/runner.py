@@ -20,8 +20,21 @@ from jaxmem import data, models
 from jaxmem.config import Config
 from jaxmem.errors import UserError
 from jaxmem.masks import run_masks
-from jaxmem.rundir import DataInfo, check_output_dir, merge_runs, wait_for_parts, write_run
-from jaxmem.rundir.fingerprint import dataset_fingerprints, result_fingerprints
+from jaxmem.rundir import (
+    DataInfo,
+    Run,
+    check_output_dir,
+    load_run,
+    merge_runs,
+    wait_for_parts,
+    write_run,
+)
+from jaxmem.rundir.fingerprint import (
+    check_same,
+    dataset_fingerprints,
+    result_fingerprints,
+    settings_hash,
+)
 from jaxmem.train import lowering
 from jaxmem.train.checkpoint import WorkDir
 from jaxmem.train.loop import train_ensemble
@@ -44,38 +57,79 @@ def work_dir_of(out: str) -> str:
 
 
 def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
-        progress: bool = True) -> str:
+        progress: bool = True, grow: bool = False) -> str:
     """Train the ensemble described by config and write the run directory `out`.
 
     resume: continue the interrupted run whose work directory `<out>.partial` exists.
+    grow: `out` is a finished run of the same settings with fewer models: train only the
+    models it lacks and add them to it (see `grow_run`).
     """
-    if overwrite and resume:
-        raise UserError("--resume and --overwrite exclude each other")
-    check_output_dir(out, overwrite)
+    if overwrite and (resume or grow):
+        raise UserError("--overwrite excludes --resume and --grow")
     lowering.resolve(config.conv_impl, config.ensemble)  # bad names fail before any work
     models.create(config.arch, 2, dtype=config.dtype)
+    if config.until_se is not None and (config.model_range or jax.process_count() > 1):
+        raise UserError("--until-se chooses K from the scores of all models, which one part "
+                        "does not see; merge the parts, then add models to the merged run "
+                        "with --grow --until-se")
+    if grow:
+        return grow_run(config, out, resume, progress)
+    check_output_dir(out, overwrite)
     if jax.process_count() > 1:
         return run_multiprocess(config, out, overwrite, resume, progress)
     return train_and_evaluate(config, out, overwrite, resume, progress)
 
 
 def train_and_evaluate(config: Config, out: str, overwrite: bool = False,
-                       resume: bool = False, progress: bool = True) -> str:
+                       resume: bool = False, progress: bool = True, prior: Run | None = None
+                       ) -> str:
     """The whole run on this process's devices, top to bottom as the data flows: dataset ->
     masks -> waves of models trained epoch by epoch, evaluated at chosen epochs -> counts and
-    scores -> the run directory `out`. Work in progress lives in `<out>.partial`."""
+    scores -> the run directory `out`. Work in progress lives in `<out>.partial`.
+
+    prior: a finished run these models will be added to (its dataset and settings must match;
+    with --until-se its models count towards the target)."""
     started = time.perf_counter()
     dataset = data.load(config.dataset, config.data_dir)
     info = data_info(dataset)
+    if prior is not None:
+        check_same(prior.config["fingerprints"], {
+            **info.fingerprints, "settings": settings_hash(config.to_dict())},
+            f"refusing to add models to {prior.path} (only --num-models, --until-se and "
+            "execution settings may change)")
     masks = run_masks(config, dataset.num_train)
     if overwrite:
         shutil.rmtree(work_dir_of(out), ignore_errors=True)
     work = WorkDir(work_dir_of(out), {"settings": config.to_dict(), "fingerprints": {
         **info.fingerprints, **result_fingerprints(masks, config.to_dict())}}, resume)
-    result = train_ensemble(config, dataset, masks, progress=progress, work=work)
+    result = train_ensemble(config, dataset, masks, progress=progress, work=work, prior=prior)
     write_run(out, config.to_dict(), info, result, time.perf_counter() - started,
               provenance(config, info))
     work.remove()
+    return out
+
+
+def grow_run(config: Config, out: str, resume: bool, progress: bool) -> str:
+    """Add models to the finished run `out` (models 0..K_old-1) up to config.num_models, or
+    with --until-se until every standard error is below the target: only the new models are
+    trained (as a part in `<out>.grow`, resumable), then merged into `out`. Model k depends on
+    (seed, k) alone, so the result equals a fresh run with the larger K."""
+    if not os.path.isdir(out):
+        raise UserError(f"--grow: there is no run directory {out!r} to add models to")
+    existing = load_run(out, all_models=True)
+    have = len(existing.model_indices)
+    if not np.array_equal(existing.model_indices, np.arange(have)):
+        raise UserError(f"--grow: {out} does not hold models 0..{have - 1}")
+    if config.num_models <= have:
+        raise UserError(f"--grow: {out} already holds {have} models; give --num-models above "
+                        "that")
+    part = os.path.abspath(out).rstrip(os.sep) + ".grow"
+    if not os.path.exists(os.path.join(part, "metrics.json")):
+        train_and_evaluate(dataclasses.replace(config, model_range=f"{have}:{config.num_models}"),
+                           part, overwrite=not resume, resume=resume, progress=progress,
+                           prior=existing)
+    merge_runs([out, part], out, overwrite=True)
+    shutil.rmtree(part)
     return out
 
 

@@ -58,9 +58,13 @@ def init_state(spec: StepSpec, key, image_shape) -> ModelState:
 
 def weighted_loss(spec: StepSpec, logits, labels, weights):
     """sum(w * l) / max(sum(w), 1): a held-out example (w = 0) adds nothing, not even to the
-    normaliser, so the loss equals the mean over the model's own examples in the batch."""
+    normaliser, so the loss equals the mean over the model's own examples in the batch.
+    Rows of weight 0 are selected away (`jnp.where`), never multiplied by 0: an inf or NaN there
+    (a bfloat16 overflow) changes neither the loss nor any gradient."""
+    keep = weights > 0
+    logits = jnp.where(keep[:, None], logits, 0.0)
     targets = optax.smooth_labels(jax.nn.one_hot(labels, spec.num_classes), spec.label_smoothing)
-    losses = optax.softmax_cross_entropy(logits, targets)
+    losses = jnp.where(keep, optax.softmax_cross_entropy(logits, targets), 0.0)
     return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
@@ -84,7 +88,7 @@ def train_step(spec: StepSpec, state: ModelState, images, labels, example_ids, w
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     weight_sum = weights.sum()
-    correct = ((logits.argmax(-1) == labels) * weights).sum()
+    correct = jnp.where(weights > 0, (logits.argmax(-1) == labels) * weights, 0.0).sum()
     totals = StepTotals(*(v.astype(jnp.float32) for v in (loss * weight_sum, correct, weight_sum)))
     return ModelState(params, batch_stats, opt_state), totals
 
