@@ -69,9 +69,14 @@ def list_archs() -> str:
 
 def summary(out: str, metrics: dict) -> str:
     return "\n".join([
+        *(f"WARNING: {warning}" for warning in metrics.get("warnings", [])),
         f"memorized: {metrics['memorized_count']} examples with score > {metrics['threshold']}"
         f" ({metrics['low_count_examples']} examples flagged: fewer than "
         f"{metrics['min_count']} in- or held-out models, score NaN)",
+        *([f"canaries: {round(metrics['canary_recall'] * metrics['num_canaries'])} of "
+           f"{metrics['num_canaries']} ({100 * metrics['canary_recall']:.0f}%) score above "
+           f"{metrics['threshold']} (planted label changes, not in the count above)"]
+          if metrics.get("num_canaries") else []),
         *([f"diverged and excluded: models {metrics['diverged_models']}"]
           if metrics["diverged_models"] else []),
         f"accuracy: train (own subset) {metrics['train_acc']:.3f}, held-out "

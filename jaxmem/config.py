@@ -24,6 +24,9 @@ class Config:
     num_models: int = setting(32, "K, the number of models (each on its own random subset)")
     subset_ratio: float = setting(0.7, "r, the fraction of the training set in each subset")
     seed: int = setting(0, "seed of masks, inits, augmentation and batch order")
+    canaries: int = setting(0, "plant this many training examples with a changed label (from "
+                            "the seed; reported apart, left out of the counts) to check that "
+                            "the run can detect memorization")
     # optimisation (the paper: SGD + momentum, triangular schedule peaking at 0.4, wd 5e-4, b 512)
     epochs: int = setting(18, "training epochs")
     batch_size: int = setting(512, "examples per batch, drawn by each model from its own subset")
@@ -40,6 +43,8 @@ class Config:
     eval_batch_size: int = setting(1024, "examples per evaluation batch")
     threshold: float = setting(0.25, "score above which an example counts as memorized")
     min_count: int = setting(5, "fewer in- or held-out models than this: the score is NaN")
+    fit_threshold: float = setting(0.99, "warn when the models' mean accuracy on their own "
+                                   "subsets at the last evaluated epoch is below this")
     # scale-out and fault tolerance
     model_range: str | None = setting(None, "START:END: train only these models (a job-array "
                                       "part; combine parts with experiments/merge.py)")
@@ -61,6 +66,8 @@ class Config:
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        if self.canaries < 0:
+            raise UserError(f"--canaries must be >= 0, got {self.canaries}")
         if self.models_per_wave < 0:
             raise UserError(f"--models-per-wave must be >= 0, got {self.models_per_wave}")
         if self.min_count < 2:
@@ -72,6 +79,8 @@ class Config:
             raise UserError(f"--lr-peak-fraction must be in [0, 1], got {self.lr_peak_fraction}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 < self.fit_threshold <= 1.0:
+            raise UserError(f"--fit-threshold must be in (0, 1], got {self.fit_threshold}")
         if self.until_se is not None and self.until_se <= 0:
             raise UserError(f"--until-se must be > 0, got {self.until_se}")
         self.model_indices()  # validates --model-range

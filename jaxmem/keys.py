@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax
 
-MASKS, INIT, AUGMENT, ORDER = 0, 1, 2, 3
+MASKS, INIT, AUGMENT, ORDER, CANARIES = 0, 1, 2, 3, 4
 
 
 def purpose_key(seed: int, purpose: int) -> jax.Array:

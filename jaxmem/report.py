@@ -35,6 +35,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; display: block; margin: 0.6em 0; }
 .note { color: #777; font-style: italic; }
+.warning { color: #a00; font-weight: bold; }
 code { background: #f5f5f5; padding: 0 0.2em; }
 """
 
@@ -154,7 +155,10 @@ def _run_section(run: Run, threshold, counts: stats.MemorizedCounts, galleries: 
               f"{stages['onset_epoch']} / {stages['peak_epoch']} / {stages['final_epoch']}"],
              ["peak / final count", f"{stages['peak_count']:.0f} / {stages['final_count']:.0f}"],
              ["wall time (s)", _fmt(metrics.get("wall_time_s"), ".1f")]]
-    parts = [f"<h2>Run {html.escape(label)}</h2>", _table(["", ""], facts),
+    parts = [f"<h2>Run {html.escape(label)}</h2>",
+             *(f"<p class='warning'>Warning: {html.escape(w)}</p>"
+               for w in metrics.get("warnings", [])),
+             _table(["", ""], facts),
              _img(figures.memorization_curve(run, threshold, {run.path: counts}),
                   f"memorization curve {label}"),
              _img(figures.epoch_score_histograms(run, threshold=threshold),

@@ -25,7 +25,9 @@ def load_dataset(run: Run):
 
     dataset = data.load(run.config["dataset"], run.config.get("data_dir"))
     labels = run.labels
-    if dataset.num_train != len(labels) or not np.array_equal(dataset.y_train, labels):
+    real = run.real  # canaries carry a changed label
+    if dataset.num_train != len(labels) or not np.array_equal(dataset.y_train[real],
+                                                              labels[real]):
         raise UserError(f"{run.path}: dataset {run.config['dataset']!r} has "
                         f"{dataset.num_train} training examples whose labels do not match the "
                         f"run's {len(labels)}")
@@ -102,7 +104,7 @@ def most_memorized_gallery(run: Run, dataset=None, per_class: int = 6,
     there are at most max_classes). dataset: a loaded Dataset (default: load_dataset(run)).
     """
     dataset = load_dataset(run) if dataset is None else dataset
-    memorization = np.asarray(run.scores_at(epoch), np.float64)
+    memorization = np.asarray(run.counted_scores(epoch), np.float64)
     labels = np.asarray(dataset.y_train)
     if classes is None:
         present = np.unique(labels)

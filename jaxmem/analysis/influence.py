@@ -133,7 +133,7 @@ def run_high_influence_pairs(run: Run,
                              block_size: int = DEFAULT_BLOCK) -> InfluencePairs:
     """High-influence pairs of a run, computing influence only for the memorized examples."""
     threshold = stats.run_threshold(run, memorization_threshold)
-    memorization = run.memorization
+    memorization = run.counted_scores()
     rows = stats.memorized_set(memorization, threshold)
     infl = run_influence(run, rows, block_size)
     return high_influence_pairs(infl, memorization, influence_threshold, threshold, rows)

@@ -50,7 +50,8 @@ def memorized_sets(run: Run, threshold: float | None = None) -> dict[int, np.nda
     """{evaluated epoch (1-based): indices of memorized examples} for every evaluated epoch."""
     threshold = run_threshold(run, threshold)
     return {int(epoch): memorized_set(scores, threshold)
-            for epoch, scores in zip(run.epochs, run.memorization_by_epoch,
+            for epoch, scores in zip(run.epochs, np.where(run.real, run.memorization_by_epoch,
+                                                          np.nan),
                                      strict=True)}
 
 
@@ -175,14 +176,15 @@ def memorized_counts(run: Run, threshold: float | None = None,
                      num_resamples: int = DEFAULT_RESAMPLES,
                      confidence: float = DEFAULT_CONFIDENCE, seed: int = 0) -> MemorizedCounts:
     """A run's memorized count at every evaluated epoch with its bootstrap interval."""
-    return bootstrap_counts(run.masks, run.correct_epochs("train"), run.epochs,
+    return bootstrap_counts(np.asarray(run.masks)[:, run.real],
+                            run.correct_epochs("train", real_only=True), run.epochs,
                             run_threshold(run, threshold), run_min_count(run), num_resamples,
                             confidence, seed)
 
 
 def stored_counts(run: Run, threshold: float | None = None) -> np.ndarray:
     """[E] memorized counts from the stored scores (no resampling)."""
-    return np.asarray(estimator.memorized_count(run.memorization_by_epoch,
+    return np.asarray(estimator.memorized_count(run.memorization_by_epoch[:, run.real],
                                                  run_threshold(run, threshold)), np.int64)
 
 

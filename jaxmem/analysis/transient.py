@@ -4,7 +4,8 @@ in another.
 Model-wise: memorized by run A (e.g. a smaller model) and not by run B (a larger one), on the
 same training set. Epoch-wise: memorized at the peak epoch of a run and not at its last epoch.
 Each set comes with its size and the mean +- std of its scores under both settings.
-Examples whose score is NaN (too few in- or held-out models) in either setting are left out.
+Examples whose score is NaN (too few in- or held-out models) in either setting, and canaries
+(planted label changes), are left out.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def modelwise(run_a: Run, run_b: Run, threshold: float | None = None,
     score the same training set (same labels, in the same order)."""
     if not np.array_equal(run_a.labels, run_b.labels):
         raise UserError(f"{run_a.path} and {run_b.path} do not score the same training set")
-    return transient_set(run_a.scores_at(epoch_a), run_b.scores_at(epoch_b),
+    return transient_set(run_a.counted_scores(epoch_a), run_b.counted_scores(epoch_b),
                          stats.run_threshold(run_a, threshold), stats.run_label(run_a),
                          stats.run_label(run_b))
 
@@ -100,5 +101,5 @@ def epochwise(run: Run, threshold: float | None = None,
     last = int(run.epochs[-1])
     if peak_epoch is None:  # nothing memorized at any epoch
         peak_epoch = last
-    return transient_set(run.scores_at(int(peak_epoch)), run.scores_at(last), threshold,
+    return transient_set(run.counted_scores(int(peak_epoch)), run.counted_scores(last), threshold,
                          f"epoch {int(peak_epoch)}", f"epoch {last}")

@@ -17,6 +17,8 @@ from jaxmem.errors import UserError
 # Settings that change no result (only speed, placement or where things are).
 EXECUTION_SETTINGS = ("data_dir", "eval_batch_size", "models_per_wave", "conv_impl", "ensemble",
                       "model_range")
+# Settings that change only what a run reports about itself (its warnings), no score.
+REPORT_SETTINGS = ("fit_threshold",)
 # Settings that decide which models a run holds and keeps, not what any model computes: model k
 # is the same model in a run of 500 and of 1,000. The settings fingerprint leaves them out so
 # that parts and grown runs of one ensemble combine; the masks fingerprint and the merge's
@@ -44,7 +46,7 @@ def dataset_fingerprints(dataset) -> dict[str, str]:
 
 
 def settings_hash(settings: dict) -> str:
-    ignored = EXECUTION_SETTINGS + ENSEMBLE_SETTINGS
+    ignored = EXECUTION_SETTINGS + REPORT_SETTINGS + ENSEMBLE_SETTINGS
     relevant = {k: v for k, v in sorted(settings.items()) if k not in ignored}
     relevant["training_scheme"] = TRAINING_SCHEME
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -82,7 +82,8 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
     info = DataInfo(first.config["dataset_name"], first.config["num_classes"],
                     tuple(first.config["image_shape"]), first.labels, first.test_labels,
                     first.original_index, {k: v for k, v in first.config["fingerprints"].items()
-                                           if k not in ("masks", "settings")})
+                                           if k not in ("masks", "settings")},
+                    first.canary_index, first.canary_original_label)
     provenance = {k: first.config[k] for k in PROVENANCE if k in first.config}
     write_run(out, config.to_dict(), info, result, sum(p.metrics["wall_time_s"] for p in parts),
               provenance)

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from jaxmem import estimator
+from jaxmem.canaries import real_examples
 from jaxmem.errors import UserError
 from jaxmem.rundir.fingerprint import result_fingerprints
 from jaxmem.rundir.store import diverged_models, save_run
@@ -47,7 +48,8 @@ class EnsembleResult:
 
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
-    """What a run directory records about its dataset (all a merge needs, no images)."""
+    """What a run directory records about its dataset (all a merge needs, no images): labels
+    as trained on (canaries planted), the fingerprints of the dataset as loaded."""
 
     name: str
     num_classes: int
@@ -56,6 +58,9 @@ class DataInfo:
     test_labels: np.ndarray
     original_index: np.ndarray
     fingerprints: dict[str, str]
+    canary_index: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    canary_original_label: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros(0, np.int64))
 
 
 def check_output_dir(out: str, overwrite: bool) -> None:
@@ -119,7 +124,43 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int) -> dict
         "original_index": info.original_index,
         "model_indices": result.model_indices,
         "diverged": result.diverged,
+        "canary_index": info.canary_index,
+        "canary_original_label": info.canary_original_label,
     }
+
+
+def fit_warning(train_acc: float | None, fit_threshold: float) -> str | None:
+    """One plain sentence when the models do not fit their own training subsets."""
+    if train_acc is None:
+        return "Every model diverged: there are no scores."
+    if train_acc >= fit_threshold:
+        return None
+    return (f"The models fit only {100 * train_acc:.1f}% of their own training subsets "
+            f"(below {100 * fit_threshold:g}%), so memorization cannot show: a held-out and an "
+            "in-subset model both miss the atypical examples. Train longer (--epochs), with "
+            "more steps per epoch (a smaller --batch-size) or a larger --arch.")
+
+
+def canary_recall(canary_scores: np.ndarray, threshold: float) -> list[float]:
+    """[E, n] canary scores -> per epoch the share above threshold (NaN never counts); [] for
+    a run without canaries."""
+    if not canary_scores.shape[-1]:
+        return []
+    counts = estimator.memorized_count(canary_scores, threshold)
+    return [float(c) / canary_scores.shape[-1] for c in counts]
+
+
+# Below this canary recall the run says it cannot find memorization.
+CANARY_RECALL_WARNING = 0.5
+
+
+def canary_warning(recall: float | None, count: int, threshold: float) -> str | None:
+    if recall is None or recall >= CANARY_RECALL_WARNING:
+        return None
+    return (f"The run finds only {round(recall * count)} of its {count} canaries (changed "
+            f"labels scoring above {threshold:g}): it is not sensitive enough to detect "
+            "memorization, so a low count of memorized examples says little. Use more "
+            "models, or models that fit their training data.")
 
 
 def summary_metrics(result: EnsembleResult, scores: dict, settings: dict, wall: float) -> dict:
@@ -131,10 +172,20 @@ def summary_metrics(result: EnsembleResult, scores: dict, settings: dict, wall: 
     scored = not scores["low_count"].all()
     peaks = [p for p in result.peak_memory_bytes if p is not None]
     threshold = settings["threshold"]
+    fit = [float(acc[keep].mean()) if keep.any() else None for acc in scores["train_acc"]]
+    real = real_examples(num_train, scores["canary_index"])
+    by_epoch = estimator.memorized_count(scores["memorization_by_epoch"][:, real], threshold)
+    recall = canary_recall(scores["memorization_by_epoch"][:, ~real], threshold)
+    warnings = [fit_warning(fit[-1], settings["fit_threshold"]),
+                canary_warning(recall[-1] if recall else None, int((~real).sum()), threshold)]
     return {
-        "memorized_count": int(estimator.memorized_count(scores["memorization"], threshold)),
-        "memorized_count_by_epoch": [int(c) for c in estimator.memorized_count(
-            scores["memorization_by_epoch"], threshold)],
+        "warnings": [w for w in warnings if w],
+        "train_acc_by_epoch": fit,
+        "memorized_count": int(by_epoch[-1]),
+        "memorized_count_by_epoch": [int(c) for c in by_epoch],
+        "num_canaries": int((~real).sum()),
+        "canary_recall_by_epoch": recall,
+        "canary_recall": recall[-1] if recall else None,
         "threshold": threshold,
         "min_count": settings["min_count"],
         "low_count_examples": int(scores["low_count"].sum()),

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxmem.canaries import real_examples
 from jaxmem.errors import UserError
 from jaxmem.estimator import DEFAULT_THRESHOLD
 
@@ -35,15 +36,17 @@ def diverged_models(train_loss: np.ndarray) -> np.ndarray:
 class PackedEpochs(Sequence):
     """A run's correctness [E, K, N] as a lazy sequence of [K, N] bool arrays: the bit-packed
     file is read once and one epoch is unpacked at a time (CIFAR: 2,000 models x 50,000
-    examples is 100 MB per epoch unpacked, 12.5 MB packed). `models`: rows to keep (None: all)."""
+    examples is 100 MB per epoch unpacked, 12.5 MB packed). `models`: rows to keep, `examples`:
+    columns to keep (None: all)."""
 
-    def __init__(self, path: str, split: str = "train", models: np.ndarray | None = None):
+    def __init__(self, path: str, split: str = "train", models: np.ndarray | None = None,
+                 examples: np.ndarray | None = None):
         file = os.path.join(path, "correct_by_epoch.npz")
         if not os.path.exists(file):
             raise UserError(f"{path} has no correct_by_epoch.npz")
         with np.load(file) as packed:
             self._bits, self._count = packed[split], int(packed[f"num_{split}"])
-        self._models = models
+        self._models, self._examples = models, examples
 
     def __len__(self) -> int:
         return len(self._bits)
@@ -52,7 +55,8 @@ class PackedEpochs(Sequence):
         if isinstance(epoch, slice):
             return [self[e] for e in range(*epoch.indices(len(self)))]
         bits = self._bits[epoch] if self._models is None else self._bits[epoch][self._models]
-        return np.unpackbits(bits, axis=-1, count=self._count).astype(bool)
+        correct = np.unpackbits(bits, axis=-1, count=self._count).astype(bool)
+        return correct if self._examples is None else correct[:, self._examples]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +69,9 @@ class Run:
     low_count [N], original_index [N]; test_labels [N_test]; epochs [E] (1-based).
     Per model: train_acc (own subset), heldout_acc, test_acc [E, K]; train_loss,
     train_batch_acc [epochs, K]; model_indices [K]. Excluded models: excluded_models (their
-    indices in the run). Arrays the run stores beyond these are in `extra`.
+    indices in the run). Canaries (planted label changes): canary_index [n] and their
+    canary_original_label [n]; `real` [N] marks the other examples, the only ones counted.
+    Arrays the run stores beyond these are in `extra`.
     """
 
     path: str
@@ -88,6 +94,8 @@ class Run:
     train_loss: np.ndarray
     train_batch_acc: np.ndarray
     model_indices: np.ndarray
+    canary_index: np.ndarray
+    canary_original_label: np.ndarray
     excluded_models: np.ndarray
     extra: dict[str, np.ndarray]
     _rows: np.ndarray | None  # rows of the stored per-model arrays that are included (None: all)
@@ -111,9 +119,11 @@ class Run:
         array = np.load(os.path.join(self.path, name), mmap_mode="r")
         return array if self._rows is None else np.asarray(array[self._rows])
 
-    def correct_epochs(self, split: str = "train") -> PackedEpochs:
-        """Correctness at every evaluated epoch as a lazy sequence of [K, N] (or [K, N_test])."""
-        return PackedEpochs(self.path, split, self._rows)
+    def correct_epochs(self, split: str = "train", real_only: bool = False) -> PackedEpochs:
+        """Correctness at every evaluated epoch as a lazy sequence of [K, N] (or [K, N_test]);
+        real_only: training examples without the canaries (the columns every count uses)."""
+        examples = self.real if real_only and split == "train" and len(self.canary_index) else None
+        return PackedEpochs(self.path, split, self._rows, examples)
 
     def correct_by_epoch(self, split: str = "train") -> np.ndarray:
         """[E, K, N] bool correctness at every evaluated epoch (split 'train' or 'test')."""
@@ -144,6 +154,16 @@ class Run:
         """Scores [N] at an evaluated epoch (1-based, as in `epochs`); None = the last one."""
         return self.memorization_by_epoch[self.epoch_position(epoch)]
 
+    @property
+    def real(self) -> np.ndarray:
+        """[N] bool: the dataset's own examples (False for canaries)."""
+        return real_examples(len(self.labels), self.canary_index)
+
+    def counted_scores(self, epoch: int | None = None) -> np.ndarray:
+        """Scores [N] with canaries set to NaN: what every count of memorized examples uses
+        (NaN never counts)."""
+        return np.where(self.real, self.scores_at(epoch), np.nan)
+
 
 def load_run(path: str, dataset=None, all_models: bool = False) -> Run:
     """Load a run directory written by `experiments/run.py`.
@@ -167,6 +187,8 @@ def load_run(path: str, dataset=None, all_models: bool = False) -> Run:
 
         check_same(config.get("fingerprints", {}), dataset_fingerprints(dataset),
                    f"dataset {dataset.name!r} does not match run {path}")
+    for name in ("canary_index", "canary_original_label"):  # runs written without canaries
+        scores.setdefault(name, np.zeros(0, np.int64))
     all_indices = scores["model_indices"]
     excluded = scores.get("diverged", np.zeros(len(all_indices), bool)).astype(bool)
     rows = None if all_models or not excluded.any() else np.flatnonzero(~excluded)

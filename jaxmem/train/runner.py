@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from jaxmem import data, models
+from jaxmem import canaries, data, models
 from jaxmem.config import Config
 from jaxmem.errors import UserError
 from jaxmem.masks import run_masks
@@ -90,8 +90,9 @@ def train_and_evaluate(config: Config, out: str, overwrite: bool = False,
     prior: a finished run these models will be added to (its dataset and settings must match;
     with --until-se its models count towards the target)."""
     started = time.perf_counter()
-    dataset = data.load(config.dataset, config.data_dir)
-    info = data_info(dataset)
+    loaded = data.load(config.dataset, config.data_dir)
+    dataset, planted = canaries.plant(loaded, config.canaries, config.seed)
+    info = data_info(dataset, planted, dataset_fingerprints(loaded))
     if prior is not None:
         check_same(prior.config["fingerprints"], {
             **info.fingerprints, "settings": settings_hash(config.to_dict())},
@@ -133,10 +134,12 @@ def grow_run(config: Config, out: str, resume: bool, progress: bool) -> str:
     return out
 
 
-def data_info(dataset) -> DataInfo:
+def data_info(dataset, planted: canaries.Canaries, fingerprints: dict[str, str]) -> DataInfo:
+    """The run's record of its dataset: labels as trained on (canaries planted), and the
+    fingerprints of the dataset as loaded, before the canaries (the settings cover those)."""
     return DataInfo(dataset.name, dataset.num_classes, tuple(dataset.image_shape),
                     dataset.y_train, dataset.y_test, np.asarray(dataset.original_index),
-                    dataset_fingerprints(dataset))
+                    fingerprints, planted.index, planted.original_label)
 
 
 def provenance(config: Config, info: DataInfo) -> dict:
