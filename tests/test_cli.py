@@ -32,6 +32,9 @@ def test_cli_end_to_end_writes_the_run_directory(tmp_path, user_npz, capsys):
     printed = capsys.readouterr().out
     assert "memorized:" in printed and out in printed
     run = load_run(out)
+    # two epochs on random labels: the models cannot fit their subsets, and the run says so
+    assert run.metrics["train_acc"] < 0.99 and "WARNING: The models fit only" in printed
+    assert run.metrics["warnings"][0].startswith("The models fit only")
     k, n, n_test = 6, 90, 20
     assert run.masks.shape == (k, n) and run.masks.dtype == bool
     assert (run.masks.sum(1) == 63).all()

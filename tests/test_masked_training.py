@@ -1,4 +1,4 @@
-"""Property 1 (docs/design.md): a held-out example has zero influence on the model that holds it out.
+"""Property 1 (docs/design.md): a held-out example has no influence on the model holding it out.
 
 The ensemble trains each model on batches it draws from its own subset of the shared on-device
 dataset. Model k trained that way must equal model k trained alone on the physically subsetted

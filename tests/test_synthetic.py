@@ -25,9 +25,18 @@ def test_singletons_score_far_above_large_subpopulations(tmp_path):
     np.savez(path, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test,
              y_test=data.y_test)
     config = Config(arch="tiny_cnn", dataset=str(path), num_models=12, subset_ratio=0.5,
-                    epochs=10, batch_size=32, lr=0.1, eval_every=5, seed=0, min_count=3)
+                    epochs=10, batch_size=32, lr=0.1, eval_every=5, seed=0, min_count=3,
+                    canaries=10)
     result = load_run(run(config, str(tmp_path / "run"), progress=False))
-    scores, truth = result.memorization, data.subpop_size
+    # 10 examples got another label (canaries): they are found, and not counted
+    canaries = result.canary_index
+    assert len(canaries) == 10 and (result.labels[canaries] != data.y_train[canaries]).all()
+    np.testing.assert_array_equal(result.canary_original_label, data.y_train[canaries])
+    assert result.metrics["canary_recall"] >= 0.8
+    assert result.metrics["memorized_count"] == np.sum(result.counted_scores() > 0.25)
+    assert result.metrics["memorized_count"] < np.sum(result.memorization > 0.25)
+    real = result.real
+    scores, truth = np.where(real, result.memorization, np.nan), data.subpop_size
     singles = np.nanmean(scores[truth == 1])
     large = np.nanmean(scores[truth == 16])
     assert result.metrics["train_acc"] > 0.9  # the models fit their subsets, tails included
