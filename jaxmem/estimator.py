@@ -7,6 +7,8 @@ example, so waves, devices and merged parts add up exactly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from jaxmem.errors import UserError
@@ -75,3 +77,26 @@ def memorized_count(memorization: np.ndarray, threshold: float = DEFAULT_THRESHO
     """Number of examples with score above threshold (NaN never counts); [..., N] -> [...]."""
     with np.errstate(invalid="ignore"):
         return (np.nan_to_num(memorization, nan=-np.inf) > threshold).sum(axis=-1)
+
+
+def as_epochs(correct, shape: tuple[int, int] | None = None) -> tuple[Sequence[np.ndarray], bool]:
+    """[K, N] or [E, K, N] array, or a sequence of E [K, N] arrays (anything with len() and
+    [e], e.g. a run's lazily unpacked epochs) -> (per-epoch sequence, single). With `shape`
+    ([K, N] of the masks), an array's shape is checked here, a sequence's items when they are
+    read (`epoch_of`)."""
+    if isinstance(correct, np.ndarray) or not isinstance(correct, Sequence):
+        correct = np.asarray(correct, bool)
+        if shape is not None and (correct.shape[-2:] != shape or correct.ndim not in (2, 3)):
+            raise UserError(f"correctness {correct.shape} does not match masks {shape} (need "
+                            f"[K, N] or [E, K, N])")
+        return (correct[None], True) if correct.ndim == 2 else (correct, False)
+    if not len(correct):
+        raise UserError("correctness has no epochs")
+    return correct, False
+
+
+def epoch_of(correct: Sequence, epoch: int, shape: tuple[int, int]) -> np.ndarray:
+    array = np.asarray(correct[epoch], bool)
+    if array.shape != shape:
+        raise UserError(f"correctness of epoch {epoch} {array.shape} does not match masks {shape}")
+    return array

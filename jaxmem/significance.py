@@ -11,7 +11,7 @@ R permutations (P pairs, W 64-model words of the bit-packed model axis).
 
 The permutation null gives model k the membership row of model perm[k] (the rows of masks are
 shuffled across models) and recomputes every score with the same estimator
-(`jaxmem.analysis.scores.from_counts`). The examples keep their in- and held-out counts (a
+(`jaxmem.estimator.from_counts`). The examples keep their in- and held-out counts (a
 column sum of the masks), every model keeps a subset of the same size, and each model keeps its
 own correctness (so whatever the models share, e.g. a better model being right more often,
 stays in the null); only the link between membership and correctness is broken.
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxmem.analysis import scores as scores_lib
+from jaxmem import estimator
 from jaxmem.errors import UserError
 
 DEFAULT_PERMUTATIONS = 100
@@ -95,28 +95,6 @@ def _masks(masks) -> np.ndarray:
     if masks.ndim != 2 or 0 in masks.shape:
         raise UserError(f"masks must be [K, N] with K, N >= 1, got shape {masks.shape}")
     return masks
-
-
-def _epochs(correct, shape: tuple[int, int]) -> tuple[Sequence[np.ndarray], bool]:
-    """[K, N] or [E, K, N] array, or a sequence of E [K, N] arrays (anything with len() and
-    [e], e.g. stats.PackedEpochs) -> (per-epoch sequence, single). Shapes of arrays are checked
-    here; those of a sequence's items when they are read (`_epoch`)."""
-    if isinstance(correct, np.ndarray) or not isinstance(correct, Sequence):
-        correct = np.asarray(correct, bool)
-        if correct.shape[-2:] != shape or correct.ndim not in (2, 3):
-            raise UserError(f"correctness {correct.shape} does not match masks {shape} (need "
-                            f"[K, N] or [E, K, N])")
-        return (correct[None], True) if correct.ndim == 2 else (correct, False)
-    if not len(correct):
-        raise UserError("correctness has no epochs")
-    return correct, False
-
-
-def _epoch(correct: Sequence, epoch: int, shape: tuple[int, int]) -> np.ndarray:
-    array = np.asarray(correct[epoch], bool)
-    if array.shape != shape:
-        raise UserError(f"correctness of epoch {epoch} {array.shape} does not match masks {shape}")
-    return array
 
 
 def _num_permutations(num_permutations) -> int:
@@ -197,7 +175,7 @@ class _PermutedCounts:
         self.perms = np.concatenate(  # padding rows (all False) stay in place
             [perms, np.broadcast_to(np.arange(self.num_models, self.rows),
                                     (len(perms), self.rows - self.num_models))], axis=1)
-        self.in_count, self.out_count = scores_lib.membership_counts(masks)
+        self.in_count, self.out_count = estimator.membership_counts(masks)
         num_epochs = len(correct)
         per_column = max(self.rows, num_epochs * words * 8, len(perms) * num_epochs)
         self.block = max(8, BLOCK_BYTES // per_column // 8 * 8)
@@ -205,7 +183,7 @@ class _PermutedCounts:
         self.words = np.zeros((num_epochs, words, padded), np.uint64)
         self.total = np.zeros((num_epochs, self.num_examples), np.int64)  # correct models
         for epoch in range(num_epochs):
-            array = _epoch(correct, epoch, masks.shape)
+            array = estimator.epoch_of(correct, epoch, masks.shape)
             self.total[epoch] = array.sum(axis=0, dtype=np.int64)
             for start in range(0, self.num_examples, self.block):
                 stop = min(start + self.block, self.num_examples)
@@ -237,7 +215,7 @@ class _PermutedCounts:
                 np.bitwise_and(permuted, correct, out=both)
                 _ones(both, ones, in_correct[epoch])
             counts = in_correct[:, :n].astype(np.int64)
-            memorization = scores_lib.from_counts(counts, total - counts, in_count,
+            memorization = estimator.from_counts(counts, total - counts, in_count,
                                                   out_count, self.min_count)["memorization"]
             result[r] = _above(memorization, self.threshold)
         return result
@@ -286,8 +264,8 @@ def _above(memorization: np.ndarray, threshold: float) -> np.ndarray:
         return np.nan_to_num(memorization, nan=-np.inf) > threshold
 
 
-def permuted_counts(masks, correct, perms, threshold: float = scores_lib.DEFAULT_THRESHOLD,
-                    min_count: int = scores_lib.DEFAULT_MIN_COUNT) -> np.ndarray:
+def permuted_counts(masks, correct, perms, threshold: float = estimator.DEFAULT_THRESHOLD,
+                    min_count: int = estimator.DEFAULT_MIN_COUNT) -> np.ndarray:
     """Memorized counts of the ensembles with shuffled membership rows.
 
     masks [K, N] bool; correct [K, N] or [E, K, N] bool, or a sequence of E [K, N] arrays;
@@ -296,7 +274,7 @@ def permuted_counts(masks, correct, perms, threshold: float = scores_lib.DEFAULT
     ["memorization"], threshold)` for every permutation and epoch.
     """
     masks = _masks(masks)
-    correct, single = _epochs(correct, masks.shape)
+    correct, single = estimator.as_epochs(correct, masks.shape)
     perms = _check_permutations(perms, masks.shape[0])
     counts = _counts(_PermutedCounts(masks, correct, perms, threshold, min_count))
     return counts[:, 0] if single else counts
@@ -307,14 +285,14 @@ def _counts(permuted: _PermutedCounts) -> np.ndarray:
     return sum(counts for _, _, counts in blocks)
 
 
-def permutation_null(masks, correct, threshold: float = scores_lib.DEFAULT_THRESHOLD,
-                     min_count: int = scores_lib.DEFAULT_MIN_COUNT,
+def permutation_null(masks, correct, threshold: float = estimator.DEFAULT_THRESHOLD,
+                     min_count: int = estimator.DEFAULT_MIN_COUNT,
                      num_permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0) -> NullCounts:
     """The memorized count (scores above threshold) under shuffled membership, next to the
     observed one.
 
     masks [K, N] bool; correct [K, N] or [E, K, N] bool, or a sequence of E [K, N] arrays
-    (anything with len() and [e], e.g. jaxmem.analysis.stats.PackedEpochs: each epoch is read
+    (anything with len() and [e], e.g. jaxmem.rundir.PackedEpochs: each epoch is read
     once). The membership rows are shuffled across the models R times (`permutations(K, R,
     seed)`) and every score is recomputed with the same estimator. Returns NullCounts with
     samples [R] (or [R, E]) and observed, mean, p95 [] (or [E]).
@@ -326,7 +304,7 @@ def permutation_null(masks, correct, threshold: float = scores_lib.DEFAULT_THRES
     R takes 104 s).
     """
     masks = _masks(masks)
-    correct, single = _epochs(correct, masks.shape)
+    correct, single = estimator.as_epochs(correct, masks.shape)
     num_permutations = _num_permutations(num_permutations)
     perms = np.concatenate([np.arange(masks.shape[0])[None],
                             permutations(masks.shape[0], num_permutations, seed)])
@@ -338,7 +316,7 @@ def permutation_null(masks, correct, threshold: float = scores_lib.DEFAULT_THRES
 
 
 def pvalues_from_counts(in_correct, out_correct, in_count, out_count,
-                        min_count: int = scores_lib.DEFAULT_MIN_COUNT) -> np.ndarray:
+                        min_count: int = estimator.DEFAULT_MIN_COUNT) -> np.ndarray:
     """One-sided p-values that the in-subset accuracy exceeds the held-out accuracy.
 
     in_correct, out_correct [..., N] and in_count, out_count [N] (broadcastable) integer counts,
@@ -362,7 +340,7 @@ def pvalues_from_counts(in_correct, out_correct, in_count, out_count,
     in_correct, out_correct, in_count, out_count = (c.astype(np.int64) for c in counts)
     if ((in_correct > in_count) | (out_correct > out_count)).any():
         raise UserError("correct counts exceed their model counts")
-    low_count = scores_lib.from_counts(in_correct, out_correct, in_count, out_count,
+    low_count = estimator.from_counts(in_correct, out_correct, in_count, out_count,
                                        min_count)["low_count"]
     pvalues = stats.hypergeom.sf(in_correct - 1, in_count + out_count, in_correct + out_correct,
                                  in_count)
@@ -370,7 +348,7 @@ def pvalues_from_counts(in_correct, out_correct, in_count, out_count,
 
 
 def membership_pvalues(masks, correct,
-                       min_count: int = scores_lib.DEFAULT_MIN_COUNT) -> np.ndarray:
+                       min_count: int = estimator.DEFAULT_MIN_COUNT) -> np.ndarray:
     """Per example, the one-sided p-value that its in-subset accuracy exceeds its held-out
     accuracy (`pvalues_from_counts`: Fisher's exact test, alternative "greater").
 
@@ -378,9 +356,9 @@ def membership_pvalues(masks, correct,
     Returns float64 [N] or [E, N], NaN where the score is NaN.
     """
     masks = _masks(masks)
-    correct, single = _epochs(correct, masks.shape)
-    in_count, out_count = scores_lib.membership_counts(masks)
-    in_correct, out_correct = zip(*(scores_lib.correct_counts(masks, _epoch(correct, e,
+    correct, single = estimator.as_epochs(correct, masks.shape)
+    in_count, out_count = estimator.membership_counts(masks)
+    in_correct, out_correct = zip(*(estimator.correct_counts(masks, estimator.epoch_of(correct, e,
                                                                             masks.shape))
                                     for e in range(len(correct))), strict=True)
     pvalues = pvalues_from_counts(np.stack(in_correct), np.stack(out_correct), in_count,
@@ -389,7 +367,7 @@ def membership_pvalues(masks, correct,
 
 
 def pair_pvalues(masks, correct_test, train_index, test_index,
-                 min_count: int = scores_lib.DEFAULT_MIN_COUNT) -> np.ndarray:
+                 min_count: int = estimator.DEFAULT_MIN_COUNT) -> np.ndarray:
     """One-sided p-values that test example j is right more often when training example i is in
     the subset: the test of `pvalues_from_counts` on the membership column i of masks and the
     correctness column j of correct_test.
@@ -412,7 +390,7 @@ def pair_pvalues(masks, correct_test, train_index, test_index,
     shape = train_index.shape
     train_index, test_index = _indices(train_index, masks.shape[1], "train_index"), \
         _indices(test_index, correct_test.shape[1], "test_index")
-    in_count, out_count = scores_lib.membership_counts(masks)
+    in_count, out_count = estimator.membership_counts(masks)
     total = correct_test.sum(axis=0, dtype=np.int64)
     in_correct = np.empty(len(train_index), np.int64)
     step = max(1, BLOCK_BYTES // (2 * masks.shape[0]))
@@ -465,8 +443,8 @@ def benjamini_hochberg(pvalues, q: float = DEFAULT_Q) -> np.ndarray:
 
 
 def memorized_fdr(masks, correct, q: float = DEFAULT_Q,
-                  threshold: float = scores_lib.DEFAULT_THRESHOLD,
-                  min_count: int = scores_lib.DEFAULT_MIN_COUNT) -> np.ndarray:
+                  threshold: float = estimator.DEFAULT_THRESHOLD,
+                  min_count: int = estimator.DEFAULT_MIN_COUNT) -> np.ndarray:
     """A memorized set that controls the false discovery rate of "in-accuracy > held-out
     accuracy": the examples whose score is above threshold AND that the Benjamini-Hochberg
     procedure at level q selects among all scored examples (of the same epoch) by their
@@ -477,12 +455,12 @@ def memorized_fdr(masks, correct, q: float = DEFAULT_Q,
     """
     q = _check_q(q)
     masks = _masks(masks)
-    correct, single = _epochs(correct, masks.shape)
-    in_count, out_count = scores_lib.membership_counts(masks)
+    correct, single = estimator.as_epochs(correct, masks.shape)
+    in_count, out_count = estimator.membership_counts(masks)
     in_correct, out_correct = (np.stack(c) for c in zip(
-        *(scores_lib.correct_counts(masks, _epoch(correct, e, masks.shape))
+        *(estimator.correct_counts(masks, estimator.epoch_of(correct, e, masks.shape))
           for e in range(len(correct))), strict=True))
-    memorization = scores_lib.from_counts(in_correct, out_correct, in_count, out_count,
+    memorization = estimator.from_counts(in_correct, out_correct, in_count, out_count,
                                           min_count)["memorization"]
     pvalues = pvalues_from_counts(in_correct, out_correct, in_count, out_count, min_count)
     selected = _above(memorization, threshold) & benjamini_hochberg(pvalues, q)
@@ -494,7 +472,7 @@ def memorized_fdr(masks, correct, q: float = DEFAULT_Q,
 
 def high_influence_pair_count(masks, memorized, correct_test,
                               influence_threshold: float = DEFAULT_INFLUENCE_THRESHOLD,
-                              min_count: int = scores_lib.DEFAULT_MIN_COUNT) -> int:
+                              min_count: int = estimator.DEFAULT_MIN_COUNT) -> int:
     """Number of pairs (i, j) with i memorized and influence(i, j) > influence_threshold.
 
     masks [K, N] bool; memorized [N] bool; correct_test [K, N_test] bool. influence(i, j) =
@@ -536,8 +514,8 @@ def _pair_count(masks, perm, rows, test, total, influence_threshold, min_count) 
 
 def pairs_null(masks, correct_train, correct_test,
                influence_threshold: float = DEFAULT_INFLUENCE_THRESHOLD,
-               memorization_threshold: float = scores_lib.DEFAULT_THRESHOLD,
-               min_count: int = scores_lib.DEFAULT_MIN_COUNT,
+               memorization_threshold: float = estimator.DEFAULT_THRESHOLD,
+               min_count: int = estimator.DEFAULT_MIN_COUNT,
                num_permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0) -> NullCounts:
     """The number of high-influence pairs (influence(i, j) > influence_threshold with training
     example i memorized: score > memorization_threshold) under shuffled membership, next to the

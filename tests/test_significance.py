@@ -16,8 +16,8 @@ from scipy import stats as scipy_stats
 
 from jaxmem import significance
 from jaxmem.analysis import influence
-from jaxmem.analysis.scores import memorization_scores, memorized_count
 from jaxmem.errors import UserError
+from jaxmem.estimator import memorization_scores, memorized_count
 
 
 def subset_masks(rng, models, examples, ratio=0.5):

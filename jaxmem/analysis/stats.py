@@ -62,15 +62,6 @@ def bootstrap_indices(num_models: int, num_resamples: int = DEFAULT_RESAMPLES,
     return rng.integers(0, num_models, size=(num_resamples, num_models))
 
 
-def _as_epochs(correct) -> tuple[Sequence[np.ndarray], bool]:
-    """[K, N] or [E, K, N] array, or a sequence of [K, N] -> (per-epoch sequence, single)."""
-    if isinstance(correct, np.ndarray) or not isinstance(correct, Sequence):
-        correct = np.asarray(correct, bool)
-        if correct.ndim == 2:
-            return correct[None], True
-    return correct, False
-
-
 def resampled_counts(masks: np.ndarray, correct, indices: np.ndarray,
                      threshold: float = estimator.DEFAULT_THRESHOLD,
                      min_count: int = estimator.DEFAULT_MIN_COUNT) -> np.ndarray:
@@ -83,7 +74,7 @@ def resampled_counts(masks: np.ndarray, correct, indices: np.ndarray,
     [R, K] with the 0/1 matrices, in column blocks, one epoch at a time.
     """
     masks = np.asarray(masks, bool)
-    correct, single = _as_epochs(correct)
+    correct, single = estimator.as_epochs(correct)
     num_models, num_examples = masks.shape
     indices = np.asarray(indices)
     weights = np.zeros((len(indices), num_models), np.float32)  # [R, K] multiplicities
@@ -152,7 +143,7 @@ def bootstrap_counts(masks: np.ndarray, correct, epochs: Sequence[int] | None = 
     """
     if not 0.0 < confidence < 1.0:
         raise UserError(f"confidence must be in (0, 1), got {confidence}")
-    correct, _ = _as_epochs(correct)
+    correct, _ = estimator.as_epochs(correct)
     masks = np.asarray(masks, bool)
     epochs = np.arange(1, len(correct) + 1) if epochs is None else np.asarray(epochs)
     if len(epochs) != len(correct):
