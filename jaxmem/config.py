@@ -43,6 +43,10 @@ class Config:
     eval_batch_size: int = setting(1024, "examples per evaluation batch")
     threshold: float = setting(0.25, "score above which an example counts as memorized")
     min_count: int = setting(5, "fewer in- or held-out models than this: the score is NaN")
+    null_permutations: int = setting(100, "shuffles of membership across models for the "
+                                     "noise floor reported next to every memorized count")
+    fdr: float = setting(0.05, "false discovery rate of the per-example tests behind the "
+                         "memorized_fdr set")
     fit_threshold: float = setting(0.99, "warn when the models' mean accuracy on their own "
                                    "subsets at the last evaluated epoch is below this")
     # scale-out and fault tolerance
@@ -79,6 +83,10 @@ class Config:
             raise UserError(f"--lr-peak-fraction must be in [0, 1], got {self.lr_peak_fraction}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.null_permutations < 1:
+            raise UserError(f"--null-permutations must be >= 1, got {self.null_permutations}")
+        if not 0.0 < self.fdr < 1.0:
+            raise UserError(f"--fdr must be in (0, 1), got {self.fdr}")
         if not 0.0 < self.fit_threshold <= 1.0:
             raise UserError(f"--fit-threshold must be in (0, 1], got {self.fit_threshold}")
         if self.until_se is not None and self.until_se <= 0:

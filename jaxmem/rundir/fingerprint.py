@@ -18,7 +18,7 @@ from jaxmem.errors import UserError
 EXECUTION_SETTINGS = ("data_dir", "eval_batch_size", "models_per_wave", "conv_impl", "ensemble",
                       "model_range")
 # Settings that change only what a run reports about itself (its warnings), no score.
-REPORT_SETTINGS = ("fit_threshold",)
+REPORT_SETTINGS = ("fit_threshold", "null_permutations", "fdr")
 # Settings that decide which models a run holds and keeps, not what any model computes: model k
 # is the same model in a run of 500 and of 1,000. The settings fingerprint leaves them out so
 # that parts and grown runs of one ensemble combine; the masks fingerprint and the merge's

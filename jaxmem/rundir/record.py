@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from jaxmem import estimator
+from jaxmem import estimator, significance
 from jaxmem.canaries import real_examples
 from jaxmem.errors import UserError
 from jaxmem.rundir.fingerprint import result_fingerprints
@@ -86,23 +86,36 @@ def write_run(out: str, settings: dict, info: DataInfo, result: EnsembleResult, 
         "fingerprints": {**info.fingerprints, **result_fingerprints(result.masks, settings)},
         "devices": result.devices,
     }
-    scores = score_arrays(result, info, settings["min_count"])
+    scores = score_arrays(result, info, settings["min_count"], settings["threshold"],
+                          settings["fdr"])
+    null = noise_floor(result, scores, settings)
+    scores.update(null_mean_by_epoch=null.mean, null_p95_by_epoch=null.p95)
     metrics = summary_metrics(result, scores, settings, wall)
+    metrics["noise_floor"] = null.as_dict()
     save_run(out, record, metrics,
              {"masks": result.masks, "correct_train": result.correct_train[-1],
               "correct_test": result.correct_test[-1]},
              scores, {"train": result.correct_train, "test": result.correct_test})
 
 
-def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int) -> dict:
+def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, threshold: float,
+                 fdr: float) -> dict:
     """scores.npz contents: the estimator at every evaluated epoch over the included models,
-    plus per-model accuracies (of every model; a loaded Run filters them)."""
+    each example's one-sided exact p-value and the memorized set at false discovery rate `fdr`
+    (score above threshold and selected by Benjamini-Hochberg among the real examples), plus
+    per-model accuracies (of every model; a loaded Run filters them)."""
     keep = ~result.diverged
     masks = result.masks
     in_count, out_count = estimator.membership_counts(masks[keep])
     in_correct, out_correct = estimator.correct_counts(masks[keep],
                                                        result.correct_train[:, keep])
     by_epoch = estimator.from_counts(in_correct, out_correct, in_count, out_count, min_count)
+    pvalues = significance.pvalues_from_counts(in_correct, out_correct, in_count, out_count,
+                                               min_count)
+    real = real_examples(masks.shape[1], info.canary_index)
+    tested = np.where(real, pvalues, np.nan)  # canaries are not among the tested examples
+    fdr_set = (np.nan_to_num(by_epoch["memorization"], nan=-np.inf) > threshold) & (
+        significance.benjamini_hochberg(tested, fdr))
     own = (result.correct_train & masks).sum(-1) / np.maximum(masks.sum(-1), 1)  # [E, K]
     held = (result.correct_train & ~masks).sum(-1) / np.maximum((~masks).sum(-1), 1)
     return {
@@ -110,6 +123,10 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int) -> dict
         "memorization_se": by_epoch["memorization_se"][-1],
         "memorization_by_epoch": by_epoch["memorization"],
         "memorization_se_by_epoch": by_epoch["memorization_se"],
+        "memorization_pvalue": pvalues[-1],
+        "memorization_pvalue_by_epoch": pvalues,
+        "memorized_fdr": fdr_set[-1],
+        "memorized_fdr_by_epoch": fdr_set,
         "epochs": np.asarray(result.epochs),
         "train_acc": own,
         "heldout_acc": held,
@@ -139,6 +156,26 @@ def fit_warning(train_acc: float | None, fit_threshold: float) -> str | None:
             f"(below {100 * fit_threshold:g}%), so memorization cannot show: a held-out and an "
             "in-subset model both miss the atypical examples. Train longer (--epochs), with "
             "more steps per epoch (a smaller --batch-size) or a larger --arch.")
+
+
+def noise_floor(result: EnsembleResult, scores: dict, settings: dict
+                ) -> significance.NullCounts:
+    """The permutation null of the memorized count at every evaluated epoch: what the same
+    correctness gives with membership shuffled across the included models (real examples)."""
+    keep = ~result.diverged
+    real = real_examples(result.masks.shape[1], scores["canary_index"])
+    if keep.sum() < 2:  # nothing to shuffle: no scores at all
+        nothing = np.zeros(len(result.epochs))
+        return significance.NullCounts(np.zeros((1, len(result.epochs)), np.int64),
+                                       nothing.astype(np.int64), nothing, nothing, 0, 0)
+    masks, correct = result.masks, result.correct_train  # [E, K, N]: copied only when needed
+    if not keep.all():
+        masks, correct = masks[keep], correct[:, keep]
+    if not real.all():
+        masks, correct = masks[:, real], correct[..., real]
+    return significance.permutation_null(
+        masks, correct, settings["threshold"], settings["min_count"], settings["null_permutations"],
+        settings["seed"])
 
 
 def canary_recall(canary_scores: np.ndarray, threshold: float) -> list[float]:
@@ -183,6 +220,10 @@ def summary_metrics(result: EnsembleResult, scores: dict, settings: dict, wall: 
         "train_acc_by_epoch": fit,
         "memorized_count": int(by_epoch[-1]),
         "memorized_count_by_epoch": [int(c) for c in by_epoch],
+        "memorized_fdr_count": int(scores["memorized_fdr"][real].sum()),
+        "memorized_fdr_count_by_epoch": [int(c) for c in
+                                         scores["memorized_fdr_by_epoch"][:, real].sum(-1)],
+        "fdr": settings["fdr"],
         "num_canaries": int((~real).sum()),
         "canary_recall_by_epoch": recall,
         "canary_recall": recall[-1] if recall else None,

@@ -21,6 +21,7 @@ import numpy as np
 from jaxmem.canaries import real_examples
 from jaxmem.errors import UserError
 from jaxmem.estimator import DEFAULT_THRESHOLD
+from jaxmem.significance import benjamini_hochberg
 
 REQUIRED_FILES = ("config.json", "masks.npy", "scores.npz", "metrics.json")
 # scores.npz arrays with one column per model (model axis last): filtered to included models.
@@ -65,7 +66,8 @@ class Run:
     them), its per-example arrays N entries, E = evaluated epochs.
 
     Per example: memorization [N] (last evaluated epoch), memorization_se [N],
-    memorization_by_epoch, memorization_se_by_epoch [E, N], labels [N], in_count, out_count,
+    memorization_by_epoch, memorization_se_by_epoch [E, N], memorization_pvalue_by_epoch [E, N]
+    (one-sided exact test that in-subset accuracy exceeds held-out accuracy), labels [N], in_count, out_count,
     low_count [N], original_index [N]; test_labels [N_test]; epochs [E] (1-based).
     Per model: train_acc (own subset), heldout_acc, test_acc [E, K]; train_loss,
     train_batch_acc [epochs, K]; model_indices [K]. Excluded models: excluded_models (their
@@ -81,6 +83,7 @@ class Run:
     memorization_se: np.ndarray
     memorization_by_epoch: np.ndarray
     memorization_se_by_epoch: np.ndarray
+    memorization_pvalue_by_epoch: np.ndarray
     epochs: np.ndarray
     labels: np.ndarray
     test_labels: np.ndarray
@@ -130,10 +133,18 @@ class Run:
         epochs = self.correct_epochs(split)
         return np.stack([epochs[e] for e in range(len(epochs))])
 
-    def memorized(self, threshold: float = DEFAULT_THRESHOLD, epoch: int | None = None):
-        """Indices of examples whose score is above threshold (last evaluated epoch by default)."""
-        scores = self.scores_at(epoch)
-        return np.flatnonzero(np.nan_to_num(scores, nan=-np.inf) > threshold)
+    def memorized(self, threshold: float = DEFAULT_THRESHOLD, epoch: int | None = None,
+                  fdr: float | None = None) -> np.ndarray:
+        """Indices of the real examples (no canaries) whose score is above threshold (last
+        evaluated epoch by default). fdr: keep only those the Benjamini-Hochberg procedure
+        selects at this false discovery rate among the real examples' exact-test p-values, a
+        set in which at most a share `fdr` are expected to be false discoveries."""
+        scores = self.counted_scores(epoch)
+        chosen = np.nan_to_num(scores, nan=-np.inf) > threshold
+        if fdr is not None:
+            pvalues = self.memorization_pvalue_by_epoch[self.epoch_position(epoch)]
+            chosen &= benjamini_hochberg(np.where(self.real, pvalues, np.nan), fdr)
+        return np.flatnonzero(chosen)
 
     def most_memorized(self, count: int = 10, epoch: int | None = None) -> np.ndarray:
         """Indices of the `count` highest scores, highest first (NaN scores last)."""
@@ -189,6 +200,8 @@ def load_run(path: str, dataset=None, all_models: bool = False) -> Run:
                    f"dataset {dataset.name!r} does not match run {path}")
     for name in ("canary_index", "canary_original_label"):  # runs written without canaries
         scores.setdefault(name, np.zeros(0, np.int64))
+    scores.setdefault("memorization_pvalue_by_epoch",  # runs written without the tests
+                      np.full(scores["memorization_by_epoch"].shape, np.nan))
     all_indices = scores["model_indices"]
     excluded = scores.get("diverged", np.zeros(len(all_indices), bool)).astype(bool)
     rows = None if all_models or not excluded.any() else np.flatnonzero(~excluded)
