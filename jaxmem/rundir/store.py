@@ -67,8 +67,9 @@ class Run:
 
     Per example: memorization [N] (last evaluated epoch), memorization_se [N],
     memorization_by_epoch, memorization_se_by_epoch [E, N], memorization_pvalue_by_epoch [E, N]
-    (one-sided exact test that in-subset accuracy exceeds held-out accuracy), labels [N], in_count, out_count,
-    low_count [N], original_index [N]; test_labels [N_test]; epochs [E] (1-based).
+    (one-sided exact test that in-subset accuracy exceeds held-out accuracy), labels [N],
+    in_count, out_count, low_count [N], original_index [N]; test_labels [N_test]; epochs [E]
+    (1-based).
     Per model: train_acc (own subset), heldout_acc, test_acc [E, K]; train_loss,
     train_batch_acc [epochs, K]; model_indices [K]. Excluded models: excluded_models (their
     indices in the run). Canaries (planted label changes): canary_index [n] and their
