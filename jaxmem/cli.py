@@ -73,6 +73,7 @@ def summary(out: str, metrics: dict) -> str:
         f"memorized: {metrics['memorized_count']} examples with score > {metrics['threshold']}"
         f" ({metrics['low_count_examples']} examples flagged: fewer than "
         f"{metrics['min_count']} in- or held-out models, score NaN)",
+        noise_line(metrics),
         *([f"canaries: {round(metrics['canary_recall'] * metrics['num_canaries'])} of "
            f"{metrics['num_canaries']} ({100 * metrics['canary_recall']:.0f}%) score above "
            f"{metrics['threshold']} (planted label changes, not in the count above)"]
@@ -86,10 +87,21 @@ def summary(out: str, metrics: dict) -> str:
         f"{metrics['train_model_examples_per_s']:.0f} model-examples/s training, "
         f"{metrics['eval_model_examples_per_s']:.0f} evaluating, "
         f"{metrics['seconds_per_model']:.2f} s/model, {metrics['models_per_hour']:.0f} "
-        f"models/hour" + (f", peak device memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB"
+        f"models/hour" + (f", peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB"
                           if metrics.get("peak_memory_bytes") else ""),
         f"run directory: {out}  (load with jaxmem.load_run({out!r}))",
     ])
+
+
+def noise_line(metrics: dict) -> str:
+    """The memorized count's noise floor and the per-example tests, in one line."""
+    null = metrics["noise_floor"]
+    observed, mean, p95 = null["observed"][-1], null["mean"][-1], null["p95"][-1]
+    verdict = "above" if observed > p95 else "NOT above"
+    return (f"noise floor: membership shuffled across models {null['num_permutations']} times "
+            f"gives {mean:.1f} on average (95th percentile {p95:.0f}), so the count is "
+            f"{verdict} noise; {metrics['memorized_fdr_count']} examples pass the per-example "
+            f"exact test at false discovery rate {metrics['fdr']:g}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,11 +109,15 @@ def _header(runs: list[Run], summary: dict) -> str:
 def _overview(runs: list[Run], threshold, counts, summary: dict) -> str:
     rows = [[r["label"], tables.format_params(r["num_params"]), r["num_models"],
              f"{100 * r['train_acc']:.1f}", f"{100 * r['test_acc']:.1f}",
-             f"{100 * r['gap']:.1f}", r["memorized"]] for r in summary["runs"]]
+             f"{100 * r['gap']:.1f}", r["memorized"], tables.noise_cell(r),
+             r["memorized_fdr"]] for r in summary["runs"]]
     parts = ["<h2>Table 1: models and accuracy</h2>",
              _table([tables.TABLE1_HEADERS[c] for c in tables.TABLE1_COLUMNS], rows),
              "<p class='note'>Accuracies are means over models at the last evaluated epoch, "
-             "in percent; train accuracy is on each model's own subset.</p>"]
+             "in percent; train accuracy is on each model's own subset. Noise: the memorized "
+             "count with membership shuffled across models (what noise alone gives); at FDR: "
+             "memorized examples that also pass the per-example exact test at the run's "
+             "false discovery rate.</p>"]
     if len(runs) >= 2:
         corr = summary["gap_correlation"]
         parts += ["<h2>Figure 1: memorization vs model size</h2>",
@@ -144,16 +148,25 @@ def _transient_row(record: dict) -> list[str]:
 
 def _run_section(run: Run, threshold, counts: stats.MemorizedCounts, galleries: bool) -> str:
     label = stats.run_label(run)
-    stages = stats.memorization_stages(counts.epochs, counts.count)
+    null = stats.noise_floor(run, threshold)
+    stages = stats.memorization_stages(counts.epochs, counts.count, floor=null.p95)
     metrics = run.metrics
+    above = "above" if counts.count[-1] > null.p95[-1] else "NOT above"
+    tested = run.memorized(stats.run_threshold(run, threshold), fdr=stats.run_fdr(run))
     facts = [["memorized (last epoch)", int(counts.count[-1])],
+             ["noise floor (shuffled membership)",
+              f"mean {null.mean[-1]:.1f}, 95th percentile {null.p95[-1]:.0f} "
+              f"({null.num_permutations} permutations): the count is {above} noise"],
+             ["memorized at FDR", f"{len(tested)} also pass the exact test at false discovery "
+                                  f"rate {stats.run_fdr(run):g}"],
              ["bootstrap interval", f"{_fmt(counts.ci_low[-1], '.0f')} – "
                                     f"{_fmt(counts.ci_high[-1], '.0f')} "
                                     f"({100 * counts.confidence:.0f}%, "
                                     f"{len(counts.samples)} resamples)"],
              ["onset / peak / final epoch",
               f"{stages['onset_epoch']} / {stages['peak_epoch']} / {stages['final_epoch']}"],
-             ["peak / final count", f"{stages['peak_count']:.0f} / {stages['final_count']:.0f}"],
+             ["peak / final count above noise",
+              f"{stages['peak_count']:.0f} / {stages['final_count']:.0f}"],
              ["wall time (s)", _fmt(metrics.get("wall_time_s"), ".1f")]]
     parts = [f"<h2>Run {html.escape(label)}</h2>",
              *(f"<p class='warning'>Warning: {html.escape(w)}</p>"
@@ -166,13 +179,18 @@ def _run_section(run: Run, threshold, counts: stats.MemorizedCounts, galleries: 
     epochwise = transient.epochwise(run, threshold, stages["peak_epoch"])
     parts.append(f"<p>Epoch-wise transient: {html.escape(epochwise.describe())}.</p>")
     pairs = influence.run_high_influence_pairs(run, memorization_threshold=threshold)
+    pairs_null = influence.run_pairs_noise_floor(run, memorization_threshold=threshold)
     parts.append(f"<h3>High-influence pairs</h3><p>{len(pairs)} pairs with influence > "
                  f"{influence.DEFAULT_INFLUENCE_THRESHOLD} and memorization > "
-                 f"{stats.run_threshold(run, threshold):g}.</p>")
+                 f"{stats.run_threshold(run, threshold):g}; shuffled membership gives "
+                 f"{pairs_null.mean:.1f} on average (95th percentile {pairs_null.p95:.0f}, "
+                 f"{pairs_null.num_permutations} permutations). The p-value column is each "
+                 "pair's one-sided exact test.</p>")
     if len(pairs):
-        parts.append(_table(["train index", "test index", "influence", "memorization"],
+        parts.append(_table(["train index", "test index", "influence", "memorization",
+                             "p-value"],
                             [[r["train_index"], r["test_index"], _fmt(r["influence"]),
-                              _fmt(r["memorization"])]
+                              _fmt(r["memorization"]), _fmt(r["pvalue"], ".2g")]
                              for r in pairs.as_records(PAIRS_LISTED)]))
     if galleries:
         try:  # the images live in the dataset, which may not be on this machine

@@ -78,13 +78,14 @@ def _plain(values, kind):
     return kind(values) if values.ndim == 0 else [kind(v) for v in values]
 
 
-def _null_counts(counts: np.ndarray, num_permutations: int, seed: int) -> NullCounts:
-    """counts [1 + R, ...]: row 0 with the true membership, then one row per permutation."""
-    counts = np.asarray(counts, np.int64)
-    samples = counts[1:]
-    return NullCounts(samples, counts[0], samples.mean(axis=0).astype(np.float64),
+def null_counts(samples: np.ndarray, observed: np.ndarray, seed: int) -> NullCounts:
+    """NullCounts from the counts under R permutations, samples [R, ...], and the observed
+    count [...] (e.g. as a run directory stores them)."""
+    samples = np.asarray(samples, np.int64)
+    return NullCounts(samples, np.asarray(observed, np.int64),
+                      samples.mean(axis=0).astype(np.float64),
                       np.percentile(samples, 95, axis=0).astype(np.float64),
-                      int(num_permutations), int(seed))
+                      len(samples), int(seed))
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -309,7 +310,8 @@ def permutation_null(masks, correct, threshold: float = estimator.DEFAULT_THRESH
     perms = np.concatenate([np.arange(masks.shape[0])[None],
                             permutations(masks.shape[0], num_permutations, seed)])
     counts = _counts(_PermutedCounts(masks, correct, perms, threshold, min_count))
-    return _null_counts(counts[:, 0] if single else counts, num_permutations, seed)
+    counts = counts[:, 0] if single else counts  # row 0: the true membership
+    return null_counts(counts[1:], counts[0], seed)
 
 
 # -------------------------------------------------------------------------------- p-values
@@ -552,4 +554,4 @@ def pairs_null(masks, correct_train, correct_test,
     counts = np.array([_pair_count(masks, perm, np.flatnonzero(chosen), test, total,
                                    influence_threshold, min_count)
                        for perm, chosen in zip(perms, memorized, strict=True)], np.int64)
-    return _null_counts(counts, num_permutations, seed)
+    return null_counts(counts[1:], counts[0], seed)  # row 0: the true membership

@@ -58,8 +58,10 @@ def memorization_curve(runs: Run | Sequence[Run], threshold: float | None = None
     counts maps run paths or labels to `stats.memorized_counts` results (a band shows their
     interval); without them, num_resamples > 0 computes the bootstrap here, 0 plots the stored
     counts.
+    The hatched band is the noise floor: up to the 95th percentile of the count with membership
+    shuffled across models (its mean dotted); stages are located on the counts above it.
     Onset (dotted) and peak (dashed) epochs are marked; a single run also gets its stages
-    shaded (grey: no memorization, orange: rise, blue: decline).
+    shaded (grey: no memorization above noise, orange: rise, blue: decline).
     """
     runs = _as_list(runs)
     fig = Figure(figsize=(6.4, 4.0))
@@ -75,7 +77,12 @@ def memorization_curve(runs: Run | Sequence[Run], threshold: float | None = None
         if result is not None and np.isfinite(result.ci_low).all():
             ax.fill_between(epochs, result.ci_low, result.ci_high, color=line.get_color(),
                             alpha=0.15, linewidth=0)
-        stages = stats.memorization_stages(epochs, values, onset_fraction)
+        null = stats.noise_floor(run, threshold)
+        ax.fill_between(epochs, 0, null.p95, color=line.get_color(), alpha=0.08, linewidth=0,
+                        hatch="///")
+        ax.plot(epochs, null.mean, color=line.get_color(), linestyle=":", linewidth=1,
+                label=f"{label}: noise (shuffled membership), mean and 95th pct")
+        stages = stats.memorization_stages(epochs, values, onset_fraction, null.p95)
         for key, style in (("onset_epoch", ":"), ("peak_epoch", "--")):
             if stages[key] is not None:
                 ax.axvline(stages[key], color=line.get_color(), linestyle=style, linewidth=1)

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxmem import estimator
+from jaxmem import estimator, significance
 from jaxmem.analysis import stats
 from jaxmem.errors import UserError
 from jaxmem.estimator import DEFAULT_MIN_COUNT, DEFAULT_THRESHOLD
@@ -78,21 +78,25 @@ def run_influence(run: Run, rows: np.ndarray | None = None, block_size: int = DE
 @dataclasses.dataclass(frozen=True)
 class InfluencePairs:
     """High-influence pairs, highest influence first: train_index, test_index, influence,
-    memorization (of the training example), all [P]."""
+    memorization (of the training example), pvalue (the pair's one-sided exact test that the
+    test example is right more often when the training example is in the subset; NaN when not
+    computed), all [P]."""
 
     train_index: np.ndarray
     test_index: np.ndarray
     influence: np.ndarray
     memorization: np.ndarray
+    pvalue: np.ndarray
 
     def __len__(self) -> int:
         return len(self.train_index)
 
     def as_records(self, limit: int | None = None) -> list[dict]:
         return [{"train_index": int(i), "test_index": int(j), "influence": float(v),
-                 "memorization": float(m)}
-                for i, j, v, m in list(zip(self.train_index, self.test_index, self.influence,
-                                           self.memorization, strict=True))[:limit]]
+                 "memorization": float(m), "pvalue": float(p)}
+                for i, j, v, m, p in list(zip(self.train_index, self.test_index, self.influence,
+                                              self.memorization, self.pvalue,
+                                              strict=True))[:limit]]
 
 
 def high_influence_pairs(infl: np.ndarray, memorization: np.ndarray,
@@ -124,7 +128,7 @@ def high_influence_pairs(infl: np.ndarray, memorization: np.ndarray,
     order = np.lexsort((test_index, train_index, -values))
     train_index, test_index, values = train_index[order], test_index[order], values[order]
     return InfluencePairs(train_index.astype(np.int64), test_index.astype(np.int64), values,
-                          memorization[train_index])
+                          memorization[train_index], np.full(len(values), np.nan))
 
 
 def run_high_influence_pairs(run: Run,
@@ -136,4 +140,22 @@ def run_high_influence_pairs(run: Run,
     memorization = run.counted_scores()
     rows = stats.memorized_set(memorization, threshold)
     infl = run_influence(run, rows, block_size)
-    return high_influence_pairs(infl, memorization, influence_threshold, threshold, rows)
+    pairs = high_influence_pairs(infl, memorization, influence_threshold, threshold, rows)
+    pvalue = significance.pair_pvalues(run.masks, run.correct_test, pairs.train_index,
+                                       pairs.test_index, stats.run_min_count(run))
+    return dataclasses.replace(pairs, pvalue=pvalue)
+
+
+def run_pairs_noise_floor(run: Run, influence_threshold: float = DEFAULT_INFLUENCE_THRESHOLD,
+                          memorization_threshold: float | None = None,
+                          num_permutations: int | None = None) -> significance.NullCounts:
+    """How many high-influence pairs noise alone gives: the count of pairs (last evaluated
+    epoch) with membership shuffled across models, memorized set and influence recomputed
+    (canaries left out, as in `run_high_influence_pairs`)."""
+    real = run.real
+    return significance.pairs_null(
+        np.asarray(run.masks)[:, real], np.asarray(run.correct_train)[:, real],
+        run.correct_test, influence_threshold, stats.run_threshold(run, memorization_threshold),
+        stats.run_min_count(run), num_permutations or len(run.extra.get(
+            "null_samples_by_epoch", ())) or significance.DEFAULT_PERMUTATIONS,
+        int(run.config.get("seed", 0)))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxmem import estimator
+from jaxmem import estimator, significance
 from jaxmem.errors import UserError
 from jaxmem.rundir import Run
 
@@ -32,6 +32,11 @@ def run_threshold(run: Run, threshold: float | None = None) -> float:
     if threshold is not None:
         return float(threshold)
     return float(run.config.get("threshold", estimator.DEFAULT_THRESHOLD))
+
+
+def run_fdr(run: Run) -> float:
+    """The run's false discovery rate for its per-example tests (0.05 by default)."""
+    return float(run.config.get("fdr", significance.DEFAULT_Q))
 
 
 def run_min_count(run: Run) -> int:
@@ -180,21 +185,29 @@ def stored_counts(run: Run, threshold: float | None = None) -> np.ndarray:
 
 
 def memorization_stages(epochs: Sequence[int], counts: Sequence[float],
-                        onset_fraction: float = DEFAULT_ONSET_FRACTION) -> dict:
-    """Locate the paper's three stages of memorization during training (Figure 2).
+                        onset_fraction: float = DEFAULT_ONSET_FRACTION,
+                        floor: Sequence[float] | None = None) -> dict:
+    """Locate the paper's three stages of memorization during training (Figure 2), on the
+    counts above the noise floor.
 
-    Stage 1 (no memorization): epochs before the onset, the first evaluated epoch whose count
-    reaches onset_fraction of the peak (and is above 0). Stage 2 (rise): onset up to the peak,
-    the first epoch with the highest count. Stage 3 (decline): after the peak. A run that never
-    memorizes anything has no onset and no peak.
+    floor [E]: what noise alone gives at each epoch (the permutation null's 95th percentile);
+    the stages are located on the excess max(count - floor, 0), so a rise and fall that stays
+    within the noise is no stage at all (None: no floor, the raw counts).
+    Stage 1 (no memorization): epochs before the onset, the first evaluated epoch whose excess
+    reaches onset_fraction of the peak excess (and is above 0). Stage 2 (rise): onset up to the
+    peak, the first epoch with the highest excess. Stage 3 (decline): after the peak. A run
+    whose counts never exceed the floor has no onset and no peak.
 
-    Returns onset_epoch, peak_epoch, peak_count, final_epoch, final_count, decline (peak - final),
-    decline_fraction (decline / peak), stage [E] (one of "none", "rise", "decline").
+    Returns onset_epoch, peak_epoch, peak_count and final_count (the excess), final_epoch,
+    decline (peak - final excess), decline_fraction (decline / peak), stage [E] (one of "none",
+    "rise", "decline").
     """
     epochs = [int(e) for e in epochs]
     counts = np.asarray(counts, np.float64)
     if len(epochs) != len(counts) or not len(epochs):
         raise UserError(f"need one count per epoch, got {len(epochs)} epochs, {len(counts)} counts")
+    if floor is not None:
+        counts = np.maximum(counts - np.asarray(floor, np.float64), 0.0)
     peak_at = int(np.argmax(counts))
     peak = float(counts[peak_at])
     final = float(counts[-1])
@@ -211,9 +224,26 @@ def memorization_stages(epochs: Sequence[int], counts: Sequence[float],
 
 def run_stages(run: Run, threshold: float | None = None,
                onset_fraction: float = DEFAULT_ONSET_FRACTION) -> dict:
-    """memorization_stages of a run's stored counts per evaluated epoch."""
-    return memorization_stages(run.epochs, stored_counts(run, threshold),
-                               onset_fraction)
+    """memorization_stages of a run's counts per evaluated epoch above its noise floor."""
+    return memorization_stages(run.epochs, stored_counts(run, threshold), onset_fraction,
+                               noise_floor(run, threshold).p95)
+
+
+def noise_floor(run: Run, threshold: float | None = None,
+                num_permutations: int | None = None) -> significance.NullCounts:
+    """The permutation null of a run's memorized count at every evaluated epoch (real
+    examples, included models): stored by the run for its own threshold and number of
+    permutations, recomputed for others."""
+    threshold = run_threshold(run, threshold)
+    stored = run.extra.get("null_samples_by_epoch")  # [R, E]
+    wanted = num_permutations or (len(stored) if stored is not None else
+                                  significance.DEFAULT_PERMUTATIONS)
+    if stored is not None and threshold == run_threshold(run) and wanted == len(stored):
+        return significance.null_counts(stored, stored_counts(run, threshold),
+                                        int(run.config.get("seed", 0)))
+    return significance.permutation_null(
+        np.asarray(run.masks)[:, run.real], run.correct_epochs("train", real_only=True),
+        threshold, run_min_count(run), wanted, int(run.config.get("seed", 0)))
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:

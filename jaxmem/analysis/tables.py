@@ -11,10 +11,12 @@ import numpy as np
 from jaxmem.analysis import stats, transient
 from jaxmem.rundir import Run
 
-TABLE1_COLUMNS = ("run", "params", "models", "train_acc", "test_acc", "gap", "memorized")
+TABLE1_COLUMNS = ("run", "params", "models", "train_acc", "test_acc", "gap", "memorized",
+                  "noise", "memorized_fdr")
 TABLE1_HEADERS = {"run": "Run", "params": "Parameters", "models": "Models",
                   "train_acc": "Train acc.", "test_acc": "Test acc.", "gap": "Gap",
-                  "memorized": "Memorized"}
+                  "memorized": "Memorized", "noise": "Noise mean (95th pct)",
+                  "memorized_fdr": "Memorized at FDR"}
 
 
 def format_params(count: int) -> str:
@@ -35,20 +37,32 @@ def sorted_runs(runs: Sequence[Run]) -> list[Run]:
 def table1_rows(runs: Sequence[Run], threshold: float | None = None) -> list[dict]:
     """One dict per run (ordered by dataset and size): label, arch, dataset, family, num_params,
     num_models, train_acc and test_acc (means over models, last evaluated epoch; train accuracy
-    is on each model's own subset), gap, memorized (count above threshold)."""
+    is on each model's own subset), gap, memorized (count above threshold), noise_mean and
+    noise_p95 (the count with membership shuffled across models: what noise alone gives),
+    memorized_fdr (the examples that also pass the per-example exact test at the run's false
+    discovery rate)."""
     rows = []
     for run in sorted_runs(runs):
         train_acc = float(np.mean(run.train_acc[-1]))
         test_acc = float(np.mean(run.test_acc[-1]))
+        null = stats.noise_floor(run, threshold)
         rows.append({
             "label": stats.run_label(run), "arch": run.config.get("arch", "?"),
             "dataset": stats.dataset_name(run), "family": stats.family(run.config.get("arch", "")),
             "num_params": stats.num_params(run), "num_models": int(run.masks.shape[0]),
             "train_acc": train_acc, "test_acc": test_acc, "gap": train_acc - test_acc,
             "memorized": int(stats.stored_counts(run, threshold)[-1]),
+            "noise_mean": float(null.mean[-1]), "noise_p95": float(null.p95[-1]),
+            "memorized_fdr": int(len(run.memorized(stats.run_threshold(run, threshold),
+                                                   fdr=stats.run_fdr(run)))),
             "threshold": stats.run_threshold(run, threshold),
         })
     return rows
+
+
+def noise_cell(row: dict) -> str:
+    """'41.2 (52)': the noise floor's mean and 95th percentile of a Table 1 row."""
+    return f"{row['noise_mean']:.1f} ({row['noise_p95']:.0f})"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -65,7 +79,8 @@ def table1(runs: Sequence[Run], threshold: float | None = None) -> str:
     """Table 1 as Markdown: parameters, models, train and test accuracy (%), gap, memorized."""
     rows = [[r["label"], format_params(r["num_params"]), r["num_models"],
              f"{100 * r['train_acc']:.1f}", f"{100 * r['test_acc']:.1f}", f"{100 * r['gap']:.1f}",
-             r["memorized"]] for r in table1_rows(runs, threshold)]
+             r["memorized"], noise_cell(r), r["memorized_fdr"]]
+            for r in table1_rows(runs, threshold)]
     return markdown_table([TABLE1_HEADERS[c] for c in TABLE1_COLUMNS], rows)
 
 
@@ -92,11 +107,13 @@ def paper_summary(runs: Sequence[Run], threshold: float | None = None,
                   counts: dict[str, stats.MemorizedCounts] | None = None) -> dict:
     """The numbers behind the paper's claims, JSON-ready.
 
-    runs: per run, Table 1's row, the stages of memorization over training and (if `counts`
-    maps run paths or labels to bootstrap results) the counts with their intervals.
+    runs: per run, Table 1's row, the stages of memorization over training (on the counts
+    above the noise floor), the noise floor per evaluated epoch and (if `counts` maps run paths
+    or labels to bootstrap results) the counts with their intervals.
     gap_correlation: Pearson r and p of memorized count against the train-test gap.
     transient: model-wise (smaller -> larger, see modelwise_pairs) and epoch-wise (peak -> last)
-    sets: count and mean +- std of scores.
+    sets: count, how many of them pass the per-example test where memorized, mean +- std of
+    scores.
     """
     runs = sorted_runs(runs)
     per_run = []
@@ -105,7 +122,8 @@ def paper_summary(runs: Sequence[Run], threshold: float | None = None,
         stored = stats.stored_counts(run, threshold)
         entry = {**row, "path": run.path, "stages": stages,
                  "counts_by_epoch": {"epochs": [int(e) for e in run.epochs],
-                                     "count": [int(c) for c in stored]}}
+                                     "count": [int(c) for c in stored]},
+                 "noise_floor_by_epoch": stats.noise_floor(run, threshold).as_dict()}
         if stats.for_run(counts, run) is not None:
             entry["counts_by_epoch"] = stats.for_run(counts, run).as_dict()
         per_run.append(entry)
@@ -132,15 +150,26 @@ def summary_markdown(summary: dict) -> str:
     lines = ["# Memorization summary", "",
              f"Memorized count vs train-test gap over {corr['num_runs']} runs: "
              f"Pearson r = {_fmt(corr['pearson_r'])}, p = {_fmt(corr['p_value'], '.3g')}.", "",
-             "## Stages of memorization during training", ""]
+             "## Stages of memorization during training", "",
+             "Counts are memorized examples above the noise floor (the 95th percentile of the "
+             "count with membership shuffled across models): a rise and fall within the noise "
+             "is no stage.", ""]
     stage_rows = [[r["label"], _fmt(r["stages"]["onset_epoch"], "d"),
                    _fmt(r["stages"]["peak_epoch"], "d"),
                    _fmt(r["stages"]["peak_count"], ".0f"), r["stages"]["final_epoch"],
                    _fmt(r["stages"]["final_count"], ".0f"),
                    _fmt(100 * r["stages"]["decline_fraction"], ".1f")]
                   for r in summary["runs"]]
-    lines.append(markdown_table(["Run", "Onset epoch", "Peak epoch", "Peak count", "Final epoch",
-                                 "Final count", "Decline %"], stage_rows))
+    lines.append(markdown_table(["Run", "Onset epoch", "Peak epoch", "Peak above noise",
+                                 "Final epoch", "Final above noise", "Decline %"], stage_rows))
+    lines += ["## Counts and their noise floor", ""]
+    lines.append(markdown_table(
+        ["Run", "Epochs", "Memorized", "Noise mean", "Noise 95th pct"],
+        [[r["label"], " ".join(str(e) for e in r["counts_by_epoch"]["epochs"]),
+          " ".join(str(c) for c in r["noise_floor_by_epoch"]["observed"]),
+          " ".join(f"{m:.1f}" for m in r["noise_floor_by_epoch"]["mean"]),
+          " ".join(f"{p:.0f}" for p in r["noise_floor_by_epoch"]["p95"])]
+         for r in summary["runs"]]))
     lines += ["## Transient memorization", "", "Model-wise (memorized by the first, not by the "
               "second; mean +- std of scores under each):", ""]
     lines.append(_transient_table(summary["transient"]["modelwise"]))
@@ -150,9 +179,10 @@ def summary_markdown(summary: dict) -> str:
 
 
 def _transient_table(records: list[dict], with_run: bool = False) -> str:
-    headers = (["Run"] if with_run else []) + ["From", "To", "Count", "Score from", "Score to"]
+    headers = (["Run"] if with_run else []) + ["From", "To", "Count", "Beyond noise at From",
+                                                "Score from", "Score to"]
     rows = [([r["run"]] if with_run else []) + [
-        r["source"], r["target"], r["count"],
+        r["source"], r["target"], r["count"], _fmt(r["tested"], "d"),
         f"{_fmt(r['source_mean'])} +- {_fmt(r['source_std'])}",
         f"{_fmt(r['target_mean'])} +- {_fmt(r['target_std'])}"] for r in records]
     return markdown_table(headers, rows) if rows else "(none)\n"

@@ -89,7 +89,7 @@ def write_run(out: str, settings: dict, info: DataInfo, result: EnsembleResult, 
     scores = score_arrays(result, info, settings["min_count"], settings["threshold"],
                           settings["fdr"])
     null = noise_floor(result, scores, settings)
-    scores.update(null_mean_by_epoch=null.mean, null_p95_by_epoch=null.p95)
+    scores.update(null_samples_by_epoch=null.samples)  # [R, E] memorized counts
     metrics = summary_metrics(result, scores, settings, wall)
     metrics["noise_floor"] = null.as_dict()
     save_run(out, record, metrics,
