@@ -459,3 +459,26 @@ def test_models_excluded_from_a_run_are_excluded_from_every_analysis(fake_run_di
     assert row["train_acc"] == pytest.approx(everything.train_acc[-1][keep].mean())
     assert stats.train_test_gap(run) == pytest.approx(
         everything.train_acc[-1][keep].mean() - everything.test_acc[-1][keep].mean())
+
+
+def test_stages_are_located_on_the_counts_above_the_noise_floor():
+    rise_and_fall = [3, 40, 120, 60, 30]
+    stages = stats.memorization_stages([1, 2, 3, 4, 5], rise_and_fall, floor=[50] * 5)
+    assert (stages["onset_epoch"], stages["peak_epoch"]) == (3, 3)  # only epochs 3, 4 exceed
+    assert stages["peak_count"] == 70 and stages["final_count"] == 0
+    assert stages["stage"] == ["none", "none", "rise", "decline", "decline"]
+    within_noise = stats.memorization_stages([1, 2, 3, 4, 5], rise_and_fall, floor=[130] * 5)
+    assert within_noise["peak_epoch"] is None and set(within_noise["stage"]) == {"none"}
+
+
+def test_table1_and_summary_state_every_count_with_its_noise_floor(fake_run_dir):
+    run = jaxmem.load_run(fake_run_dir("floor", num_models=24))
+    row = tables.table1_rows([run])[0]
+    stored = run.extra["null_samples_by_epoch"][:, -1]
+    assert row["noise_mean"] == pytest.approx(stored.mean())
+    assert row["noise_p95"] == pytest.approx(np.percentile(stored, 95))
+    assert row["memorized_fdr"] <= row["memorized"]
+    assert "Noise mean (95th pct)" in tables.table1([run])
+    summary = tables.paper_summary([run])
+    assert summary["runs"][0]["noise_floor_by_epoch"]["observed"][-1] == row["memorized"]
+    assert "Counts and their noise floor" in tables.summary_markdown(summary)
