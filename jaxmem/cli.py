@@ -9,6 +9,7 @@ import sys
 import types
 import typing
 
+from jaxmem import recipes
 from jaxmem.config import Config
 from jaxmem.errors import UserError
 
@@ -25,17 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="experiments/run.py",
         description="Train an ensemble of models on random subsets and write memorization "
                     "scores (Feldman & Zhang) to a run directory.")
+    # A flag not given is absent from the namespace (SUPPRESS), so the dataset's recipe can
+    # choose it (jaxmem/recipes.py); the help shows Config's default.
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         kind = _flag_type(field)
         help_text = field.metadata.get("help", "")
+        default = (" (default: the dataset's recipe)" if field.name in recipes.RECIPE_SETTINGS
+                   else f" (default: {field.default})")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
-                                help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text + default)
         else:
-            parser.add_argument(flag, type=kind, default=field.default,
-                                metavar=kind.__name__.upper(),
-                                help=f"{help_text} (default: {field.default})")
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS,
+                                metavar=kind.__name__.upper(), help=help_text + default)
     parser.add_argument("--out", help="run directory (default: runs/ARCH-DATASET-kK-sSEED)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--resume", action="store_true",
@@ -111,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.list_archs:
             print(list_archs())
             return 0
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-        config = Config(**values)
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                 if hasattr(args, f.name)}
+        config, sources = recipes.resolve(given)
         slug = os.path.splitext(os.path.basename(config.dataset))[0]
         out = args.out or f"runs/{config.arch}-{slug}-k{config.num_models}-s{config.seed}"
         import jax
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print("note: bfloat16 trains about 1.5x slower than float32 on CPU (it pays off on "
                   "GPU and TPU)", file=sys.stderr)
         run(config, out, overwrite=args.overwrite, resume=args.resume,
-            progress=not args.no_progress, grow=args.grow)
+            progress=not args.no_progress, grow=args.grow, sources=sources)
         if jax.process_index() == 0:
             print(summary(out, load_run(out).metrics))
         return 0

@@ -27,6 +27,7 @@ import math
 from jaxmem.config import Config
 from jaxmem.masks import subset_size
 
+RECIPE_SETTINGS = ("epochs", "batch_size", "lr", "eval_every")
 PAPER_DATASETS = ("cifar10", "cifar100", "tiny_imagenet", "tfds:cifar10", "tfds:cifar100")
 PAPER_BATCH, PAPER_LR = 512, 0.4
 MIN_STEPS_PER_EPOCH = 8
@@ -45,8 +46,6 @@ def small_data_recipe(num_train: int, subset_ratio: float) -> dict:
         batch //= 2
     steps = math.ceil(subset / batch)
     epochs = max(MIN_EPOCHS, math.ceil(MIN_TOTAL_STEPS / steps))
-    if epochs <= Config.epochs:  # enough steps with the paper's epochs: keep them
-        epochs = Config.epochs
     return {"batch_size": batch, "lr": PAPER_LR * batch / PAPER_BATCH, "epochs": epochs,
             "eval_every": max(1, epochs // EVALUATIONS)}
 

@@ -16,12 +16,18 @@ import numpy as np
 from jaxmem.config import Config
 from jaxmem.errors import UserError
 from jaxmem.rundir.fingerprint import check_same
-from jaxmem.rundir.record import DataInfo, EnsembleResult, check_output_dir, write_run
+from jaxmem.rundir.record import (
+    TIMED_PARTS,
+    DataInfo,
+    EnsembleResult,
+    check_output_dir,
+    write_run,
+)
 from jaxmem.rundir.store import load_run
 
 PART_WAIT_SECONDS = 24 * 3600
 # config.json entries that say how a part was computed; a merge records the first part's
-PROVENANCE = ("resolved", "num_params", "versions", "backend")
+PROVENANCE = ("resolved", "num_params", "versions", "backend", "setting_sources")
 
 
 def config_of(record: dict) -> Config:
@@ -75,8 +81,8 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
         correct_test=np.concatenate([p.correct_by_epoch("test") for p in parts], axis=1),
         train_loss=np.concatenate([p.train_loss for p in parts], axis=1),
         train_batch_acc=np.concatenate([p.train_batch_acc for p in parts], axis=1),
-        train_seconds=sum(p.metrics["train_seconds"] for p in parts),
-        eval_seconds=sum(p.metrics["eval_seconds"] for p in parts),
+        seconds={part: sum(p.metrics.get(f"{part}_seconds", 0.0) for p in parts)
+                 for part in TIMED_PARTS},
         devices=sorted({d for p in parts for d in p.metrics["devices"]}),
         peak_memory_bytes=[b for p in parts for b in p.metrics["peak_memory_bytes_per_wave"]])
     info = DataInfo(first.config["dataset_name"], first.config["num_classes"],

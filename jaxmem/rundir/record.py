@@ -18,6 +18,11 @@ from jaxmem.errors import UserError
 from jaxmem.rundir.fingerprint import result_fingerprints
 from jaxmem.rundir.store import diverged_models, save_run
 
+# Where a run's time goes (metrics.json, `<part>_seconds`): the first step of each wave
+# (compiling the step), the other training steps, evaluation (its compilation included),
+# checkpoints.
+TIMED_PARTS = ("compile", "train", "eval", "checkpoint")
+
 
 @dataclasses.dataclass
 class EnsembleResult:
@@ -25,7 +30,8 @@ class EnsembleResult:
 
     model_indices [K]; masks [K,N] bool; correct_train [E,K,N] bool; correct_test
     [E,K,N_test] bool; train_loss, train_batch_acc [epochs, K] (means over each epoch's own
-    examples); timings in seconds; peak memory per wave in bytes (None where not reported).
+    examples); seconds spent per part (TIMED_PARTS); peak memory per wave in bytes (None
+    where not reported).
     """
 
     model_indices: np.ndarray
@@ -35,8 +41,7 @@ class EnsembleResult:
     correct_test: np.ndarray
     train_loss: np.ndarray
     train_batch_acc: np.ndarray
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     devices: list[str] = dataclasses.field(default_factory=list)
     peak_memory_bytes: list[int | None] = dataclasses.field(default_factory=list)
 
@@ -239,10 +244,9 @@ def summary_metrics(result: EnsembleResult, scores: dict, settings: dict, wall: 
         "num_included_models": int(keep.sum()),
         "diverged_models": [int(k) for k in result.model_indices[result.diverged]],
         "wall_time_s": wall,
-        "train_seconds": result.train_seconds,
-        "eval_seconds": result.eval_seconds,
-        "train_model_examples_per_s": examples_trained / max(result.train_seconds, 1e-9),
-        "eval_model_examples_per_s": examples_evaluated / max(result.eval_seconds, 1e-9),
+        **{f"{part}_seconds": value for part, value in result.seconds.items()},
+        "train_model_examples_per_s": examples_trained / max(result.seconds["train"], 1e-9),
+        "eval_model_examples_per_s": examples_evaluated / max(result.seconds["eval"], 1e-9),
         "seconds_per_model": wall / num_models,
         "models_per_hour": 3600.0 * num_models / max(wall, 1e-9),
         "peak_memory_bytes_per_wave": result.peak_memory_bytes,

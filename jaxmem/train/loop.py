@@ -19,6 +19,7 @@ from jaxmem.config import Config
 from jaxmem.data import Dataset
 from jaxmem.errors import UserError
 from jaxmem.rundir import EnsembleResult, Run, diverged_models
+from jaxmem.rundir.record import TIMED_PARTS
 from jaxmem.train import lowering
 from jaxmem.train.checkpoint import WorkDir
 from jaxmem.train.ensemble import Ensemble, make_mesh
@@ -27,6 +28,11 @@ from jaxmem.train.orders import model_orders, steps_per_epoch
 from jaxmem.train.step import StepSpec
 from jaxmem.train.waves import auto_wave_size, peak_memory, reset_peak_memory, wave_slices
 
+# Steps timed after the first (which compiles) for the plan's projected time.
+PLAN_WARMUP_STEPS = 3
+# A wave in progress is checkpointed after an epoch when this long has passed since its last
+# checkpoint (and a finished wave is always saved): short epochs do not pay a checkpoint each.
+CHECKPOINT_SECONDS = 300.0
 # Per-model arrays of a wave (model axis second for [E, m, ...] / [epochs, m]).
 WAVE_ARRAYS = ("correct_train", "correct_test", "train_loss", "train_batch_acc")
 
@@ -59,6 +65,8 @@ class Trainer:
         self.x_train, self.y_train = put(dataset.x_train), put(dataset.y_train)
         self.x_test, self.y_test = put(dataset.x_test), put(dataset.y_test)
         self.eval_epochs = config.eval_epochs()
+        self.plan = None  # called once with the seconds per step measured after compiling
+        self.checkpoint_seconds = CHECKPOINT_SECONDS
 
     def empty_wave(self, count: int) -> dict[str, np.ndarray]:
         e, epochs = len(self.eval_epochs), self.config.epochs
@@ -66,8 +74,8 @@ class Trainer:
                 "correct_test": np.zeros((e, count, self.dataset.num_test), bool),
                 "train_loss": np.zeros((epochs, count)),
                 "train_batch_acc": np.zeros((epochs, count)),
-                "epochs_done": np.int64(0), "train_seconds": np.float64(0),
-                "eval_seconds": np.float64(0)}
+                "epochs_done": np.int64(0), **{f"{part}_seconds": np.float64(0)
+                                               for part in TIMED_PARTS}}
 
     def train_wave(self, wave: int, indices: np.ndarray, masks: np.ndarray, padded: int,
                    bar, work: WorkDir | None) -> dict[str, np.ndarray]:
@@ -89,6 +97,7 @@ class Trainer:
             epochs_done, states, result = restored
             bar.update(int(epochs_done) * self.steps)
         aug_base = keys.model_keys(config.seed, keys.AUGMENT, wave_indices)
+        saved = time.perf_counter()
         for epoch in range(int(result["epochs_done"]), config.epochs):
             states = self._train_epoch(states, epoch, wave_indices, wave_masks, aug_base,
                                        result, bar)
@@ -96,8 +105,12 @@ class Trainer:
             if epoch + 1 in self.eval_epochs:
                 self._evaluate(states, self.eval_epochs.index(epoch + 1), result)
             result["epochs_done"] = np.int64(epoch + 1)
-            if work and epoch + 1 < config.epochs:
+            if work and epoch + 1 < config.epochs and (
+                    time.perf_counter() - saved >= self.checkpoint_seconds):
+                tic = time.perf_counter()
                 work.save_epoch(wave, epoch + 1, states, result)
+                saved = time.perf_counter()
+                result["checkpoint_seconds"] += saved - tic
             losses = result["train_loss"][epoch]
             loss = np.nanmean(losses) if np.isfinite(losses).any() else np.nan
             bar.set_postfix(wave=wave + 1, epoch=epoch + 1, loss=f"{loss:.3f}",
@@ -115,9 +128,19 @@ class Trainer:
                               config.batch_size, ensemble.model_sharding)
         totals = ensemble.zero_totals(len(wave_indices))
         in_flight = collections.deque()
+        timed = min(PLAN_WARMUP_STEPS, self.steps - 1)  # steps after the compiling one
+        first = not result["compile_seconds"]  # this wave's step is not compiled yet
         for step in range(self.steps):
             states, totals = ensemble.train_step(states, totals, orders, aug_keys,
                                                  self.x_train, self.y_train, step)
+            if first and step == 0:
+                jax.block_until_ready(totals)
+                warm = time.perf_counter()
+                result["compile_seconds"] += warm - tic
+            if self.plan is not None and first and step == timed > 0:
+                jax.block_until_ready(totals)
+                self.plan((time.perf_counter() - warm) / timed)
+                self.plan = None
             # Wait on the totals of two steps back: the bar shows real progress without a
             # sync every step.
             in_flight.append(totals)
@@ -126,7 +149,7 @@ class Trainer:
             bar.update(1)
         real = result["train_loss"].shape[1]
         totals = jax.tree.map(lambda t: np.asarray(t)[:real], totals)
-        result["train_seconds"] += time.perf_counter() - tic
+        result["train_seconds"] += time.perf_counter() - (warm if first else tic)
         examples = np.maximum(totals.examples, 1.0)
         result["train_loss"][epoch] = totals.loss_sum / examples
         result["train_batch_acc"][epoch] = totals.correct / examples
@@ -176,6 +199,7 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
     waves = wave_slices(len(indices), per_wave, trainer.ensemble.num_devices)
     bar = tqdm(total=len(waves) * config.epochs * trainer.steps, unit="step",
                disable=not progress, dynamic_ncols=True)
+    trainer.plan = lambda seconds: bar.write(plan_line(config, trainer, waves, seconds))
     done = []
     before = [] if prior is None else [{
         "masks": np.asarray(prior.masks), "correct_train": prior.correct_train[None],
@@ -201,9 +225,21 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
     return EnsembleResult(
         indices[:used], masks[:used], trainer.eval_epochs, stacked["correct_train"],
         stacked["correct_test"], stacked["train_loss"], stacked["train_batch_acc"],
-        float(sum(a["train_seconds"] for a in done)), float(sum(a["eval_seconds"] for a in done)),
+        {part: float(sum(a[f"{part}_seconds"] for a in done)) for part in TIMED_PARTS},
         [str(d) for d in trainer.mesh.devices.flat],
         [int(a["peak_memory_bytes"]) if a["peak_memory_bytes"] >= 0 else None for a in done])
+
+
+def plan_line(config: Config, trainer: Trainer, waves: list, seconds_per_step: float) -> str:
+    """The run's plan and its projected training time from a measured step."""
+    steps = len(waves) * config.epochs * trainer.steps
+    hours = steps * seconds_per_step / 3600
+    size = max(stop - start for start, stop, _ in waves)
+    return (f"plan: {sum(stop - start for start, stop, _ in waves)} models in {len(waves)} "
+            f"wave(s) of up to {size} on {trainer.mesh.size} device(s); {config.epochs} epochs "
+            f"x {trainer.steps} steps of {config.batch_size} per model, evaluated at "
+            f"{len(trainer.eval_epochs)} epochs; {seconds_per_step:.3f} s per step after "
+            f"compiling -> about {hours:.1f} h of training ({60 * hours:.0f} min)")
 
 
 def below_target_se(waves: list[dict], config: Config) -> bool:

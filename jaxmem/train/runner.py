@@ -57,13 +57,16 @@ def work_dir_of(out: str) -> str:
 
 
 def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
-        progress: bool = True, grow: bool = False) -> str:
+        progress: bool = True, grow: bool = False, sources: dict[str, str] | None = None
+        ) -> str:
     """Train the ensemble described by config and write the run directory `out`.
 
     resume: continue the interrupted run whose work directory `<out>.partial` exists.
     grow: `out` is a finished run of the same settings with fewer models: train only the
     models it lacks and add them to it (see `grow_run`).
+    sources: where each setting came from (flag, recipe, default), recorded in config.json.
     """
+    provenance_extra = {"setting_sources": sources or {}}
     if overwrite and (resume or grow):
         raise UserError("--overwrite excludes --resume and --grow")
     lowering.resolve(config.conv_impl, config.ensemble)  # bad names fail before any work
@@ -73,22 +76,24 @@ def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
                         "does not see; merge the parts, then add models to the merged run "
                         "with --grow --until-se")
     if grow:
-        return grow_run(config, out, resume, progress)
+        return grow_run(config, out, resume, progress, provenance_extra)
     check_output_dir(out, overwrite)
     if jax.process_count() > 1:
-        return run_multiprocess(config, out, overwrite, resume, progress)
-    return train_and_evaluate(config, out, overwrite, resume, progress)
+        return run_multiprocess(config, out, overwrite, resume, progress, provenance_extra)
+    return train_and_evaluate(config, out, overwrite, resume, progress,
+                              recorded=provenance_extra)
 
 
 def train_and_evaluate(config: Config, out: str, overwrite: bool = False,
-                       resume: bool = False, progress: bool = True, prior: Run | None = None
-                       ) -> str:
+                       resume: bool = False, progress: bool = True, prior: Run | None = None,
+                       recorded: dict | None = None) -> str:
     """The whole run on this process's devices, top to bottom as the data flows: dataset ->
     masks -> waves of models trained epoch by epoch, evaluated at chosen epochs -> counts and
     scores -> the run directory `out`. Work in progress lives in `<out>.partial`.
 
     prior: a finished run these models will be added to (its dataset and settings must match;
-    with --until-se its models count towards the target)."""
+    with --until-se its models count towards the target). recorded: more entries for
+    config.json (e.g. where each setting came from)."""
     started = time.perf_counter()
     loaded = data.load(config.dataset, config.data_dir)
     dataset, planted = canaries.plant(loaded, config.canaries, config.seed)
@@ -105,12 +110,13 @@ def train_and_evaluate(config: Config, out: str, overwrite: bool = False,
         **info.fingerprints, **result_fingerprints(masks, config.to_dict())}}, resume)
     result = train_ensemble(config, dataset, masks, progress=progress, work=work, prior=prior)
     write_run(out, config.to_dict(), info, result, time.perf_counter() - started,
-              provenance(config, info))
+              {**provenance(config, info), **(recorded or {})})
     work.remove()
     return out
 
 
-def grow_run(config: Config, out: str, resume: bool, progress: bool) -> str:
+def grow_run(config: Config, out: str, resume: bool, progress: bool,
+             recorded: dict | None = None) -> str:
     """Add models to the finished run `out` (models 0..K_old-1) up to config.num_models, or
     with --until-se until every standard error is below the target: only the new models are
     trained (as a part in `<out>.grow`, resumable), then merged into `out`. Model k depends on
@@ -128,7 +134,7 @@ def grow_run(config: Config, out: str, resume: bool, progress: bool) -> str:
     if not os.path.exists(os.path.join(part, "metrics.json")):
         train_and_evaluate(dataclasses.replace(config, model_range=f"{have}:{config.num_models}"),
                            part, overwrite=not resume, resume=resume, progress=progress,
-                           prior=existing)
+                           prior=existing, recorded=recorded)
     merge_runs([out, part], out, overwrite=True)
     shutil.rmtree(part)
     return out
@@ -151,7 +157,7 @@ def provenance(config: Config, info: DataInfo) -> dict:
 
 
 def run_multiprocess(config: Config, out: str, overwrite: bool, resume: bool,
-                     progress: bool) -> str:
+                     progress: bool, recorded: dict | None = None) -> str:
     """Each process trains a contiguous share of the models into `<out>.parts/part-P`;
     process 0 waits for every part (a shared filesystem is assumed) and merges them."""
     count, me = jax.process_count(), jax.process_index()
@@ -162,7 +168,8 @@ def run_multiprocess(config: Config, out: str, overwrite: bool, resume: bool,
     mine = dataclasses.replace(config, model_range=f"{bounds[me]}:{bounds[me + 1]}")
     if not (resume and os.path.exists(os.path.join(parts[me], "metrics.json"))):
         check_output_dir(parts[me], overwrite)
-        train_and_evaluate(mine, parts[me], overwrite, resume, progress and me == 0)
+        train_and_evaluate(mine, parts[me], overwrite, resume, progress and me == 0,
+                           recorded=recorded)
     if me == 0:
         wait_for_parts(parts)
         merge_runs(parts, out, overwrite=True, model_range=config.model_range)
