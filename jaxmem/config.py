@@ -55,6 +55,9 @@ class Config:
                                       "part; combine parts with experiments/merge.py)")
     until_se: float | None = setting(None, "add waves until every score's standard error is "
                                      "below this (or --num-models is reached)")
+    checkpoint_seconds: float = setting(300.0, "checkpoint a wave in progress after an epoch "
+                                        "once this many seconds passed since its last "
+                                        "checkpoint (0: after every epoch)")
     drop_diverged: bool = setting(False, "exclude models whose loss became NaN/inf from the "
                                   "scores instead of stopping the run")
     # execution (changes speed, not results beyond float rounding)

@@ -30,9 +30,6 @@ from jaxmem.train.waves import auto_wave_size, peak_memory, reset_peak_memory, w
 
 # Steps timed after the first (which compiles) for the plan's projected time.
 PLAN_WARMUP_STEPS = 3
-# A wave in progress is checkpointed after an epoch when this long has passed since its last
-# checkpoint (and a finished wave is always saved): short epochs do not pay a checkpoint each.
-CHECKPOINT_SECONDS = 300.0
 # Per-model arrays of a wave (model axis second for [E, m, ...] / [epochs, m]).
 WAVE_ARRAYS = ("correct_train", "correct_test", "train_loss", "train_batch_acc")
 
@@ -66,7 +63,6 @@ class Trainer:
         self.x_test, self.y_test = put(dataset.x_test), put(dataset.y_test)
         self.eval_epochs = config.eval_epochs()
         self.plan = None  # called once with the seconds per step measured after compiling
-        self.checkpoint_seconds = CHECKPOINT_SECONDS
 
     def empty_wave(self, count: int) -> dict[str, np.ndarray]:
         e, epochs = len(self.eval_epochs), self.config.epochs
@@ -106,7 +102,7 @@ class Trainer:
                 self._evaluate(states, self.eval_epochs.index(epoch + 1), result)
             result["epochs_done"] = np.int64(epoch + 1)
             if work and epoch + 1 < config.epochs and (
-                    time.perf_counter() - saved >= self.checkpoint_seconds):
+                    time.perf_counter() - saved >= config.checkpoint_seconds):
                 tic = time.perf_counter()
                 work.save_epoch(wave, epoch + 1, states, result)
                 saved = time.perf_counter()
