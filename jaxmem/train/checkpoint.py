@@ -1,14 +1,14 @@
 """Nothing lost on interruption: a run's work directory `<out>.partial/`.
 
 It holds the run's record (settings and fingerprints, checked on `--resume`), one file per
-finished wave, and, for the wave in progress, an orbax checkpoint of the ensemble state after
-every epoch (the last 2 kept) with the wave's partial results beside it. Every file is written
-atomically (temporary name, then rename), so a SIGKILL at any moment leaves a resumable state.
+finished wave, and, for the wave in progress, orbax checkpoints (the last 2 kept), each holding
+the ensemble state and the wave's partial results as two items of one checkpoint, so a state
+never lacks its results. Files are written atomically (jaxmem/atomic.py) and orbax commits a
+checkpoint only once complete, so a SIGKILL at any moment leaves a resumable state.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -17,23 +17,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxmem import atomic
 from jaxmem.errors import UserError
 from jaxmem.rundir.fingerprint import check_same
 
 KEEP_CHECKPOINTS = 2
-
-
-def atomic_savez(path: str, **arrays) -> None:
-    temporary = f"{path}.tmp.npz"
-    np.savez(temporary, **arrays)
-    os.replace(temporary, path)
-
-
-def atomic_json(path: str, record: dict) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-    os.replace(temporary, path)
 
 
 class WorkDir:
@@ -52,7 +40,7 @@ class WorkDir:
             check_same(saved["fingerprints"], record["fingerprints"], "refusing to resume")
         else:
             os.makedirs(path, exist_ok=True)
-            atomic_json(record_path, record)
+            atomic.write_json(record_path, record)
 
     def _wave_file(self, wave: int) -> str:
         return os.path.join(self.path, f"wave-{wave:05d}.npz")
@@ -65,7 +53,7 @@ class WorkDir:
             return {key: archive[key] for key in archive.files}
 
     def save_wave(self, wave: int, arrays: dict) -> None:
-        atomic_savez(self._wave_file(wave), **arrays)
+        atomic.write_npz(self._wave_file(wave), **arrays)
         shutil.rmtree(self._checkpoint_dir(wave), ignore_errors=True)
 
     def _checkpoint_dir(self, wave: int) -> str:
@@ -82,22 +70,18 @@ class WorkDir:
         return ocp.CheckpointManager(os.path.abspath(self._checkpoint_dir(wave)), options=options)
 
     def save_epoch(self, wave: int, epochs_done: int, states, partial: dict) -> None:
-        """After `epochs_done` epochs of `wave`: the partial results first, then the state, so
-        that the newest state always has its results beside it."""
-        directory = self._checkpoint_dir(wave)
-        os.makedirs(directory, exist_ok=True)
-        atomic_savez(os.path.join(directory, f"partial-{epochs_done}.npz"), **partial)
+        """After `epochs_done` epochs of `wave`: the state and the partial results, together."""
+        os.makedirs(self._checkpoint_dir(wave), exist_ok=True)
         with self._manager(wave) as manager:
-            manager.save(epochs_done, args=ocp.args.StandardSave(_savable(states)))
+            manager.save(epochs_done, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_savable(states)),
+                partial=ocp.args.StandardSave(partial)))
             manager.wait_until_finished()
-            kept = set(manager.all_steps())
-        for old in glob.glob(os.path.join(directory, "partial-*.npz")):
-            if int(old.rsplit("-", 1)[1].split(".")[0]) not in kept:
-                os.remove(old)
 
-    def restore_epoch(self, wave: int, template):
+    def restore_epoch(self, wave: int, template, partial_template: dict):
         """(epochs_done, states, partial) of the newest checkpoint of `wave`, or None.
-        template: states of the same structure and sharding (e.g. freshly initialised)."""
+        template: states of the same structure and sharding (e.g. freshly initialised);
+        partial_template: the wave's result arrays (their structure, shapes and dtypes)."""
         if not os.path.isdir(self._checkpoint_dir(wave)):
             return None
         with self._manager(wave) as manager:
@@ -109,11 +93,12 @@ class WorkDir:
                     leaf.shape, leaf.dtype, sharding=leaf.sharding), template)
             else:
                 target = jax.device_get(template)
-            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                partial=ocp.args.StandardRestore(partial_template)))
             states = jax.tree.map(lambda leaf, like: jax.device_put(leaf, like.sharding),
-                                  restored, template)
-        with np.load(os.path.join(self._checkpoint_dir(wave), f"partial-{step}.npz")) as archive:
-            partial = {key: archive[key] for key in archive.files}
+                                  restored.state, template)
+        partial = {key: np.asarray(value) for key, value in restored.partial.items()}
         return step, states, partial
 
     def remove(self) -> None:

@@ -88,7 +88,7 @@ class Trainer:
         if config.init_from:
             states = self._load_pretrained(states)
         result = self.empty_wave(len(indices))
-        restored = work.restore_epoch(wave, states) if work else None
+        restored = work.restore_epoch(wave, states, result) if work else None
         if restored is not None:
             epochs_done, states, result = restored
             bar.update(int(epochs_done) * self.steps)
