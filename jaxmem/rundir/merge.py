@@ -50,29 +50,15 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
     for part in parts[1:]:
         check_same(shared, part.config["fingerprints"],
                    f"refusing to merge {part.path} with {first.path}")
-    # Parts may differ in --num-models (a grown run): the merged run holds the largest K.
+    # Parts may differ in --num-models and --until-se (a grown run): the merged run holds the
+    # largest K, and stops where the last part with a target stopped.
+    targets = [p.config["until_se"] for p in parts if p.config.get("until_se") is not None]
     config = dataclasses.replace(config_of(first.config), model_range=model_range,
-                                 num_models=max(int(p.config["num_models"]) for p in parts))
+                                 num_models=max(int(p.config["num_models"]) for p in parts),
+                                 until_se=targets[-1] if targets else None)
     indices = np.concatenate([p.model_indices for p in parts])
-    expected = np.asarray(config.model_indices())
-    if config.until_se is not None:  # stopped at the target: the models up to the last one
-        expected = expected[expected <= indices.max()]
-    values, counts = np.unique(indices, return_counts=True)
-    if (counts > 1).any():
-        raise UserError(f"refusing to merge: parts overlap (models "
-                        f"{_ranges(values[counts > 1].tolist())})")
-    if not np.array_equal(np.sort(indices), expected):
-        missing = sorted(set(expected) - set(indices))
-        raise UserError(f"refusing to merge: parts leave gaps (missing models "
-                        f"{_ranges(missing)}) or go beyond {expected[0]}:{expected[-1] + 1}")
-    from jaxmem.masks import subset_masks  # imports jax: only when merging
-
-    for part in parts:
-        want = subset_masks(config.seed, part.model_indices, len(part.labels),
-                            config.subset_ratio)
-        if not np.array_equal(np.asarray(part.masks), want):
-            raise UserError(f"refusing to merge: the masks of {part.path} are not the ones its "
-                            "seed and model indices give")
+    check_coverage(indices, config)
+    check_masks(parts, config)
     result = EnsembleResult(
         model_indices=indices,
         masks=np.concatenate([np.asarray(p.masks) for p in parts]),
@@ -94,6 +80,34 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
     write_run(out, config.to_dict(), info, result, sum(p.metrics["wall_time_s"] for p in parts),
               provenance)
     return out
+
+
+def check_coverage(indices: np.ndarray, config: Config) -> None:
+    """The parts' model indices neither overlap nor leave gaps in the models the merged run
+    holds: config.model_indices(), or with --until-se those up to the last one trained."""
+    expected = np.asarray(config.model_indices())
+    if config.until_se is not None:
+        expected = expected[expected <= indices.max()]
+    values, counts = np.unique(indices, return_counts=True)
+    if (counts > 1).any():
+        raise UserError(f"refusing to merge: parts overlap (models "
+                        f"{_ranges(values[counts > 1].tolist())})")
+    if not np.array_equal(np.sort(indices), expected):
+        missing = sorted(set(expected) - set(indices))
+        raise UserError(f"refusing to merge: parts leave gaps (missing models "
+                        f"{_ranges(missing)}) or go beyond {expected[0]}:{expected[-1] + 1}")
+
+
+def check_masks(parts: list, config: Config) -> None:
+    """Every part's masks are the ones its seed and model indices give."""
+    from jaxmem.masks import subset_masks  # imports jax: only when merging
+
+    for part in parts:
+        want = subset_masks(config.seed, part.model_indices, len(part.labels),
+                            config.subset_ratio)
+        if not np.array_equal(np.asarray(part.masks), want):
+            raise UserError(f"refusing to merge: the masks of {part.path} are not the ones its "
+                            "seed and model indices give")
 
 
 def wait_for_parts(part_dirs: list[str], timeout: float = PART_WAIT_SECONDS) -> None:
