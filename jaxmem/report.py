@@ -179,6 +179,24 @@ def _run_section(run: Run, threshold, counts: stats.MemorizedCounts, galleries: 
     epochwise = transient.epochwise(run, threshold, stages["peak_epoch"])
     parts.append(f"<p>Epoch-wise transient: {html.escape(epochwise.describe())}.</p>")
     pairs = influence.run_high_influence_pairs(run, memorization_threshold=threshold)
+    parts.append(_pairs_section(run, threshold, pairs))
+    if galleries:
+        try:  # the images live in the dataset, which may not be on this machine
+            dataset = gallery.load_dataset(run)
+            pictures = ["<h3>Most memorized training examples</h3>",
+                        _img(gallery.most_memorized_gallery(run, dataset), f"gallery {label}")]
+            if len(pairs):
+                pictures.append(_img(gallery.influence_gallery(run, pairs, dataset),
+                                     f"influence pairs {label}"))
+        except UserError as err:
+            pictures = [f"<p class='note'>No images: {html.escape(str(err))}</p>"]
+        parts += pictures
+    return "\n".join(parts)
+
+
+def _pairs_section(run: Run, threshold, pairs: influence.InfluencePairs) -> str:
+    """High-influence pairs with their noise floor and, per pair, the exact test's p-value."""
+    parts = []
     pairs_null = influence.run_pairs_noise_floor(run, memorization_threshold=threshold)
     parts.append(f"<h3>High-influence pairs</h3><p>{len(pairs)} pairs with influence > "
                  f"{influence.DEFAULT_INFLUENCE_THRESHOLD} and memorization > "
@@ -192,17 +210,6 @@ def _run_section(run: Run, threshold, counts: stats.MemorizedCounts, galleries: 
                             [[r["train_index"], r["test_index"], _fmt(r["influence"]),
                               _fmt(r["memorization"]), _fmt(r["pvalue"], ".2g")]
                              for r in pairs.as_records(PAIRS_LISTED)]))
-    if galleries:
-        try:  # the images live in the dataset, which may not be on this machine
-            dataset = gallery.load_dataset(run)
-            pictures = ["<h3>Most memorized training examples</h3>",
-                        _img(gallery.most_memorized_gallery(run, dataset), f"gallery {label}")]
-            if len(pairs):
-                pictures.append(_img(gallery.influence_gallery(run, pairs, dataset),
-                                     f"influence pairs {label}"))
-        except UserError as err:
-            pictures = [f"<p class='note'>No images: {html.escape(str(err))}</p>"]
-        parts += pictures
     return "\n".join(parts)
 
 
