@@ -41,7 +41,8 @@ class EnsembleResult:
     correct_test: np.ndarray
     train_loss: np.ndarray
     train_batch_acc: np.ndarray
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(TIMED_PARTS, 0.0))
     devices: list[str] = dataclasses.field(default_factory=list)
     peak_memory_bytes: list[int | None] = dataclasses.field(default_factory=list)
 
