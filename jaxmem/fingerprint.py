@@ -15,8 +15,8 @@ import numpy as np
 from jaxmem.errors import UserError
 
 # Settings that change no result (only speed, placement or where things are).
-EXECUTION_SETTINGS = ("data_dir", "eval_batch_size", "models_per_wave", "conv_impl", "ensemble",
-                      "model_range", "until_se", "drop_diverged")
+EXECUTION_SETTINGS = ("data_dir", "download", "eval_batch_size", "models_per_wave", "conv_impl",
+                      "ensemble", "model_range", "until_se", "drop_diverged")
 
 # How models are trained from the settings; bump it when the same settings give other results
 # (2: each model draws its batches from its own subset instead of masking shared batches), so

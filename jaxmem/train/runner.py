@@ -89,7 +89,7 @@ def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
 def run_local(config: Config, out: str, overwrite: bool, resume: bool, progress: bool) -> str:
     """`run` on this process's devices only."""
     started = time.perf_counter()
-    dataset = data.load(config.dataset, config.data_dir)
+    dataset = data.load(config.dataset, config.data_dir, download=config.download)
     masks = subset_masks(config.seed, config.model_indices(), dataset.num_train,
                          config.subset_ratio)
     fingerprints = {**dataset_fingerprints(dataset), **result_fingerprints(masks,
