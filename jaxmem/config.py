@@ -19,6 +19,8 @@ class Config:
     dataset: str = setting("digits", "dataset name, or a path to an .npz with x_train, y_train, "
                            "x_test, y_test")
     data_dir: str | None = setting(None, "folder holding the dataset files")
+    download: bool = setting(True, "download a missing dataset archive on first use (CIFAR, "
+                             "Tiny ImageNet)")
     init_from: str | None = setting(None, "timm-layout .safetensors file to initialise a ViT")
     # the ensemble
     num_models: int = setting(32, "K, the number of models (each on its own random subset)")

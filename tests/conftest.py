@@ -14,6 +14,8 @@ import pytest
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The suite never downloads a dataset (tests/test_download.py lifts this for a local server).
+os.environ["JAXMEM_NO_DOWNLOAD"] = "1"
 
 from jaxmem.config import Config
 from jaxmem.rundir import DataInfo, EnsembleResult, write_run

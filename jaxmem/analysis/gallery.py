@@ -23,7 +23,7 @@ def load_dataset(run: Run):
     against the run: same training and test sizes and the same training labels."""
     from jaxmem import data
 
-    dataset = data.load(run.config["dataset"], run.config.get("data_dir"))
+    dataset = data.load(run.config["dataset"], run.config.get("data_dir"), download=False)
     labels = run.labels
     real = run.real  # canaries carry a changed label
     if dataset.num_train != len(labels) or not np.array_equal(dataset.y_train[real],

@@ -1,7 +1,8 @@
-"""Datasets behind one registry: `load(name, data_dir=None) -> Dataset`.
+"""Datasets behind one registry: `load(name, data_dir=None, download=True) -> Dataset`.
 
 Nothing outside this package knows where data came from. Adding a source is one module with a
-`load(data_dir) -> Dataset` function and one line in `SOURCES`.
+`load(data_dir) -> Dataset` function and one line in `SOURCES`; a source that can fetch its
+official files (`jaxmem.data.download`) also takes `download` and is listed in `DOWNLOADABLE`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,16 @@ SOURCES: dict[str, Callable[[str | None], Dataset]] = {
     "tfds:cifar10": tfds_source.load_cifar10,  # optional extra `tfds`
     "tfds:cifar100": tfds_source.load_cifar100,
 }
+# Sources whose loader also takes `download` (fetch a missing official archive on first use).
+DOWNLOADABLE = frozenset({"cifar10", "cifar100", "tiny_imagenet"})
 
 
-def load(name: str, data_dir: str | None = None) -> Dataset:
-    """Load dataset `name` (a registry name, or a path to a user `.npz` file)."""
+def load(name: str, data_dir: str | None = None, download: bool = True) -> Dataset:
+    """Load dataset `name` (a registry name, or a path to a user `.npz` file).
+
+    `download=False` (CLI `--no-download`) never fetches a missing archive; other sources
+    ignore it.
+    """
     if name.endswith(".npz") or os.path.sep in name:
         return npz_file.load(name)
     if name not in SOURCES:
@@ -34,7 +41,9 @@ def load(name: str, data_dir: str | None = None) -> Dataset:
             f"unknown dataset {name!r}; choose one of {', '.join(sorted(SOURCES))} "
             "or give a path to an .npz file"
         )
+    if name in DOWNLOADABLE:
+        return SOURCES[name](data_dir, download=download)
     return SOURCES[name](data_dir)
 
 
-__all__ = ["SOURCES", "Dataset", "load"]
+__all__ = ["DOWNLOADABLE", "SOURCES", "Dataset", "load"]

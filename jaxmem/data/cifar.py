@@ -2,7 +2,9 @@
 
 Place `cifar-10-python.tar.gz` / `cifar-100-python.tar.gz` (https://www.cs.toronto.edu/~kriz/
 cifar.html), or the folder they extract to (`cifar-10-batches-py/`, `cifar-100-python/`), in the
-data dir (`--data-dir`, else `$JAXMEM_DATA`, else `~/.cache/jaxmem`). Nothing is downloaded.
+data dir (`--data-dir`, else `$JAXMEM_DATA`, else `~/.cache/jaxmem`). If neither is there, the
+archive is downloaded into the data dir and its checksum verified (`jaxmem.data.download`), unless
+`--no-download` or `$JAXMEM_NO_DOWNLOAD` forbids it.
 
 Order: training examples are data_batch_1..5 (CIFAR-10) or `train` (CIFAR-100) row by row, so
 `original_index` is the identity and example i is row i of the official files. CIFAR-100 uses the
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxmem.data import download as downloads
 from jaxmem.data import locate
 from jaxmem.data.dataset import Dataset, normalization
 from jaxmem.errors import UserError
@@ -77,20 +80,23 @@ class _BatchUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def load_cifar10(data_dir: str | None = None) -> Dataset:
+def load_cifar10(data_dir: str | None = None, download: bool = True) -> Dataset:
     """CIFAR-10: 50,000 train / 10,000 test 32x32x3 images, 10 classes, official order."""
-    return load_cifar(CIFAR10, data_dir)
+    return load_cifar(CIFAR10, data_dir, download)
 
 
-def load_cifar100(data_dir: str | None = None) -> Dataset:
+def load_cifar100(data_dir: str | None = None, download: bool = True) -> Dataset:
     """CIFAR-100 (fine labels): 50,000 train / 10,000 test 32x32x3 images, official order."""
-    return load_cifar(CIFAR100, data_dir)
+    return load_cifar(CIFAR100, data_dir, download)
 
 
-def load_cifar(spec: CifarSpec, data_dir: str | None = None) -> Dataset:
-    """Load a CIFAR variant from `data_dir` (resolved by `locate.data_dir`), via the cache."""
+def load_cifar(spec: CifarSpec, data_dir: str | None = None, download: bool = True) -> Dataset:
+    """Load a CIFAR variant from `data_dir` (resolved by `locate.data_dir`), via the cache.
+
+    A missing archive is downloaded first if `download` (and `$JAXMEM_NO_DOWNLOAD` is unset).
+    """
     root = locate.data_dir(data_dir)
-    source = _find_source(spec, root)
+    source = _find_source(spec, root, download)
     arrays, meta = locate.cached_arrays(
         spec.name, root, locate.fingerprint(source.files, extra=spec.name),
         lambda writer: _decode(spec, source, writer))
@@ -113,7 +119,7 @@ class _Source:
         return sorted(p for p in self.folder.iterdir() if p.is_file())
 
 
-def _find_source(spec: CifarSpec, root: Path) -> _Source:
+def _find_source(spec: CifarSpec, root: Path, download: bool = True) -> _Source:
     needed = spec.train_files + spec.test_files
     folders = [root / spec.folder]
     if root.name == spec.folder:  # the data dir is the extracted folder itself
@@ -131,10 +137,12 @@ def _find_source(spec: CifarSpec, root: Path) -> _Source:
                 f"{spec.name}: the folder {folder} is incomplete (missing {', '.join(missing)}); "
                 f"extract {spec.archive} again or place the archive itself into {root}"
             )
+    if downloads.allowed(download):
+        return _Source(None, downloads.fetch(spec.archive, root, spec.name))
     raise UserError(
         f"{spec.name}: no data found in {root}: place the official {spec.archive} (from {URL}) "
         f"or its extracted folder {spec.folder}/ into {root}, or point --data-dir or "
-        f"${locate.ENV_VAR} at the folder that holds it; nothing is downloaded"
+        f"${locate.ENV_VAR} at the folder that holds it (downloads are off: {downloads.OPT_OUT})"
     )
 
 

@@ -1,7 +1,9 @@
 """Where real datasets live, and the uint8 `.npy` cache that makes every load after the first cheap.
 
 Data dir (one rule for every source): the `data_dir` argument (CLI `--data-dir`), else
-`$JAXMEM_DATA`, else `~/.cache/jaxmem`. Nothing is ever downloaded.
+`$JAXMEM_DATA`, else `~/.cache/jaxmem`. A missing CIFAR or Tiny ImageNet archive is downloaded
+there on first use and checked against its published MD5 (`jaxmem.data.download`), unless
+`--no-download` or `$JAXMEM_NO_DOWNLOAD` forbids it.
 
 Cache: the first load decodes the official files once into a folder of `.npy` arrays plus a
 `meta.json` written last (its presence marks a complete cache; it records a fingerprint of the

@@ -2,7 +2,8 @@
 
 Place `tiny-imagenet-200.zip` (http://cs231n.stanford.edu/tiny-imagenet-200.zip) or the folder it
 extracts to, `tiny-imagenet-200/`, in the data dir (`--data-dir`, else `$JAXMEM_DATA`, else
-`~/.cache/jaxmem`). Nothing is downloaded.
+`~/.cache/jaxmem`). If neither is there, the zip is downloaded into the data dir and its checksum
+verified (`jaxmem.data.download`), unless `--no-download` or `$JAXMEM_NO_DOWNLOAD` forbids it.
 
 Order and labels: label k is line k of `wnids.txt`. Training examples are the classes in
 `wnids.txt` order, and within a class the files of `train/<wnid>/images/` sorted by name (plain
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from jaxmem.data import download as downloads
 from jaxmem.data import locate
 from jaxmem.data.dataset import Dataset, normalization
 from jaxmem.errors import UserError
@@ -42,10 +44,13 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 DECODE_THREADS = 8  # Pillow releases the GIL while decoding
 
 
-def load(data_dir: str | None = None) -> Dataset:
-    """Tiny ImageNet: 100,000 train / 10,000 test (official val) 64x64x3 images, 200 classes."""
+def load(data_dir: str | None = None, download: bool = True) -> Dataset:
+    """Tiny ImageNet: 100,000 train / 10,000 test (official val) 64x64x3 images, 200 classes.
+
+    A missing zip is downloaded first if `download` (and `$JAXMEM_NO_DOWNLOAD` is unset).
+    """
     root = locate.data_dir(data_dir)
-    tree = _open_tree(root)
+    tree = _open_tree(root, download)
     try:
         listing = _list(tree)
         arrays, meta = locate.cached_arrays(
@@ -142,16 +147,19 @@ def _listing_key(listing: _Listing) -> str:
     return "\n".join([NAME, *listing.wnids, *listing.train_files, *listing.test_files])
 
 
-def _open_tree(root: Path) -> _FolderTree | _ZipTree:
+def _open_tree(root: Path, download: bool = True) -> _FolderTree | _ZipTree:
     for top in (root / FOLDER, root):
         if (top / "wnids.txt").is_file():
             return _FolderTree(top)
     if (root / ARCHIVE).is_file():
         return _ZipTree(root / ARCHIVE)
+    if downloads.allowed(download):
+        return _ZipTree(downloads.fetch(ARCHIVE, root, NAME))
     raise UserError(
         f"{NAME}: no data found in {root}: place the official {ARCHIVE} (from {URL}) or its "
         f"extracted folder {FOLDER}/ (with wnids.txt, train/, val/) into {root}, or point "
-        f"--data-dir or ${locate.ENV_VAR} at the folder that holds it; nothing is downloaded"
+        f"--data-dir or ${locate.ENV_VAR} at the folder that holds it (downloads are off: "
+        f"{downloads.OPT_OUT})"
     )
 
 
