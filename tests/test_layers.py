@@ -74,8 +74,7 @@ def test_batchnorm_rows_outside_the_mask_change_nothing_even_when_not_finite(poi
     clean_grads, (clean_y, clean_stats) = grad_of(variables["params"], x)
     poisoned = x.at[1].set(poison).at[4, 0, 1, 2].set(poison)
     grads, (y, stats) = grad_of(variables["params"], poisoned)
-    np.testing.assert_array_equal(y, clean_y)  # kept rows equal, masked rows 0 in both
-    assert not np.asarray(y)[~np.asarray(mask)].any()
+    np.testing.assert_array_equal(y, clean_y)  # masked rows too: finite, input ignored
     jax.tree.map(np.testing.assert_array_equal, stats, clean_stats)
     jax.tree.map(np.testing.assert_array_equal, grads, clean_grads)
 

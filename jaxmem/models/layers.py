@@ -87,9 +87,9 @@ class BatchNorm(nn.Module):
     x [B, ..., F]; mask [B] bool/float or None (all examples). An example outside the mask (the
     padding of an epoch's last batch) has no influence on the output of the others, on the
     running statistics or on any gradient, even when it holds inf or NaN (rows are selected
-    away, never multiplied by 0), and its own output is 0. A batch with no masked-in example
-    keeps the old running statistics and stays finite (no 0/0). Statistics are computed in
-    float32 whatever the input dtype.
+    away, never multiplied by 0), and its own output is finite and independent of its input. A
+    batch with no masked-in example keeps the old running statistics and stays finite (no 0/0).
+    Statistics are computed in float32 whatever the input dtype.
 
     Kept instead of `flax.linen.BatchNorm(...)(x, mask=...)`, which gives the same outputs and
     statistics on finite inputs (max difference 5e-7) but NaN parameter gradients when a
@@ -115,16 +115,20 @@ class BatchNorm(nn.Module):
         shape = (-1,) + (1,) * (x.ndim - 1)
         keep = jnp.ones(x.shape[:1], bool) if mask is None else mask.astype(bool)
         keep = keep.reshape(shape)
-        # Rows outside the mask are selected away (jnp.where), never multiplied by 0, so an
-        # inf or NaN there cannot reach the statistics, the other rows or the gradients.
+        weights = keep.astype(jnp.float32)
+        # Rows outside the mask are selected away (jnp.where) before anything else, so an inf or
+        # NaN there cannot reach the statistics, the other rows or the gradients (0 * inf is
+        # NaN); then the weighted sums give them exactly 0. (Zeroing their output as well made
+        # XLA compile one model and several models differently: runs stopped being bit-equal
+        # across wave sizes.)
         xf = jnp.where(keep, xf, 0.0)
         per_example = 1
         for size in x.shape[1:-1]:
             per_example *= size
-        count = keep.sum() * per_example
+        count = weights.sum() * per_example
         denom = jnp.maximum(count, 1.0)
-        mean = xf.sum(axes) / denom
-        var = jnp.where(keep, jnp.square(xf - mean), 0.0).sum(axes) / denom
+        mean = (xf * weights).sum(axes) / denom
+        var = (jnp.square(xf - mean) * weights).sum(axes) / denom
         if not self.is_initializing():
             seen = count > 0
             m = self.momentum
@@ -133,6 +137,6 @@ class BatchNorm(nn.Module):
             running_var.value = jnp.where(seen, m * running_var.value + (1 - m) * var,
                                           running_var.value)
         inv = jax.lax.rsqrt(var + self.epsilon) * scale
-        y = (xf.astype(x.dtype) - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(
-            x.dtype)
-        return jnp.where(keep, y, jnp.zeros((), x.dtype))
+        # From the sanitised rows: an outside row's output is finite and independent of its input.
+        return ((xf.astype(x.dtype) - mean.astype(x.dtype)) * inv.astype(x.dtype)
+                + bias.astype(x.dtype))
