@@ -51,7 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--conv-impl", default="auto")
-    parser.add_argument("--ensemble", default="auto")
+    parser.add_argument("--ensemble", default="auto",
+                        help="model-axis mapping: auto, vmap, vmap:C, map or unroll")
     parser.add_argument("--sweep", default="", help="comma-separated M values, e.g. 1,2,4,8,16")
     parser.add_argument("--dataset", default=None, help="registered dataset instead of random")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per variant")

@@ -66,7 +66,7 @@ class Config:
     models_per_wave: int = setting(0, "models trained at once (0 = as many as fit the devices' "
                                    "free memory; all of them on CPU)")
     conv_impl: str = setting("auto", "convolution lowering: auto, xla or im2col")
-    ensemble: str = setting("auto", "model-axis mapping: auto, vmap or unroll")
+    ensemble: str = setting("auto", "model-axis mapping: auto, vmap, vmap:C, map or unroll")
     dtype: str = setting("float32", "compute dtype: float32 or bfloat16 (params stay float32)")
 
     def __post_init__(self):

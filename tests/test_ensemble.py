@@ -1,7 +1,8 @@
 """Property 2 (docs/design.md): model k's result does not depend on how the ensemble was laid out.
 
-One wave, waves of one model, the unrolled mapping, and 4 (simulated) devices with padded waves
-all give the same masks, losses and correctness.
+One wave, waves of one model, every mapping of the model axis (vmap, chunked vmap, lax.map,
+unrolled), and 4 (simulated) devices with padded waves all give the same masks, losses and
+correctness.
 """
 
 import os
@@ -9,13 +10,17 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxmem.config import Config
 from jaxmem.data.synthetic import make
+from jaxmem.errors import UserError
 from jaxmem.masks import run_masks
-from jaxmem.train import waves
+from jaxmem.train import lowering, waves
+from jaxmem.train.ensemble import map_models
 from jaxmem.train.loop import train_ensemble
 from jaxmem.train.waves import wave_slices
 
@@ -49,9 +54,37 @@ def test_waves_of_one_model_equal_one_wave(one_wave):
     assert one_wave.correct_train.shape == (2, 3, DATASET.num_train)
 
 
-def test_unrolled_mapping_equals_vmap(one_wave):
-    unrolled = train(Config(**CONFIG, ensemble="unroll"))
-    assert_same_results(one_wave, unrolled)
+# "map": a loop over the 3 models; "vmap:3": the 3 models vmapped inside a loop (of one chunk).
+# Several chunks, a remainder and "unroll" are checked on a cheaper function below (compiles
+# dominate).
+@pytest.mark.parametrize("strategy", ["map", "vmap:3"])
+def test_every_mapping_equals_vmap(one_wave, strategy):
+    mapped = train(Config(**CONFIG, ensemble=strategy))
+    assert_same_results(one_wave, mapped)
+
+
+# Over 3 models, "vmap:1": a loop of 3 chunks; "vmap:2": a loop over one chunk of 2, then a
+# vmapped remainder of 1; "vmap:4": more than the models (plain vmap).
+@pytest.mark.parametrize("strategy", ["unroll", "map", "vmap:1", "vmap:2", "vmap:4"])
+def test_every_mapping_passes_mapped_and_shared_arguments_like_vmap(strategy):
+    def fn(x, shared, pair):
+        return {"sum": x * shared + pair[0], "outer": jnp.outer(x, pair[1])}
+
+    rng = np.random.default_rng(0)
+    x, shared, a, b = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+                       for shape in ((3, 4), (4,), (3, 4), (3, 2)))
+    in_axes = (0, None, 0)
+    want = jax.vmap(fn, in_axes=in_axes)(x, shared, (a, b))
+    got = jax.jit(map_models(fn, strategy, in_axes))(x, shared, (a, b))
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
+
+
+@pytest.mark.parametrize("name", ["vmap:0", "vmap:", "vmap:x", "chunk8", "vmap:-2", "scan"])
+def test_unknown_strategy_is_a_one_line_user_error(name):
+    with pytest.raises(UserError, match=r"unknown --ensemble .*vmap:C") as error:
+        lowering.resolve("xla", name, "cpu")
+    assert "\n" not in str(error.value)
+    assert lowering.resolve("xla", "vmap:8", "cpu") == ("xla", "vmap:8")
 
 
 def test_wave_slices_pad_to_the_device_count():

@@ -1,12 +1,14 @@
-"""The ensemble form of the per-model step: vmapped over a leading model axis, sharded over
-devices on that axis with `jax.shard_map` (jit with a NamedSharding on the model axis would
-all-gather the weights, openxla/xla#47945), jitted once.
+"""The ensemble form of the per-model step: mapped over a leading model axis (vmapped by
+default; `map_models`), sharded over devices on that axis with `jax.shard_map` (jit with a
+NamedSharding on the model axis would all-gather the weights, openxla/xla#47945), jitted once.
 
 Every function here takes the whole on-device dataset and gathers the batch itself, so a step
 moves no image data between host and device: the host sends only the step number.
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,8 @@ from jax.sharding import PartitionSpec as P
 from jaxmem.train import step as step_lib
 
 AXIS = "models"
-STRATEGIES = ("vmap", "unroll")
+# The accepted values of `strategy`; "vmap:C" stands for "vmap:1", "vmap:2", ...
+STRATEGIES = ("vmap", "vmap:C", "map", "unroll")
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -25,26 +28,58 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices if devices is not None else jax.local_devices()), (AXIS,))
 
 
+def parse_strategy(strategy: str) -> tuple[str, int | None] | None:
+    """"vmap" -> ("vmap", None), "vmap:8" -> ("vmap", 8), "map"/"unroll" -> (name, None);
+    None for anything else (the caller words the error: a CLI flag or a ValueError)."""
+    if strategy in ("vmap", "map", "unroll"):
+        return strategy, None
+    chunked = re.fullmatch(r"vmap:([1-9][0-9]*)", strategy)
+    return ("vmap", int(chunked.group(1))) if chunked else None
+
+
 def map_models(fn, strategy: str, in_axes):
-    """fn over ONE model -> fn over a leading model axis.
+    """fn over ONE model -> fn over a leading model axis (in_axes: 0 = mapped, None = shared).
 
     "vmap": one batched program (convs become grouped convs or batched matmuls, see layers.py).
+    "map": `jax.lax.map`, a loop over the models inside the one program: one model's
+    activations live at a time (small memory) and convs stay plain convs, but the models run
+    one after another.
+    "vmap:C": `jax.lax.map(..., batch_size=C)`, a loop over chunks of C models, each chunk
+    vmapped: between the two (memory and batching grow with C). Any number of models works: a
+    remainder of M mod C models (M per device) is one more vmapped program after the loop, and
+    C >= M is plain "vmap".
     "unroll": the per-model programs written out one after another inside the same jit, which XLA
     may schedule in parallel; compile time grows with the number of models per device.
+    All four compute the same numbers up to float rounding (tests/test_ensemble.py).
     """
-    if strategy == "vmap":
-        return jax.vmap(fn, in_axes=in_axes)
-    if strategy != "unroll":
+    parsed = parse_strategy(strategy)
+    if parsed is None:
         raise ValueError(f"unknown ensemble strategy {strategy!r}; choose one of {STRATEGIES}")
+    name, chunk = parsed
+    if name == "vmap" and chunk is None:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def mapped_of(args):
+        return [a for a, axis in zip(args, in_axes, strict=True) if axis == 0]
+
+    def call(args, picked):
+        """fn on args with the mapped ones replaced, in order, by one model's picks."""
+        picked = iter(picked)
+        return fn(*[next(picked) if axis == 0 else a
+                    for a, axis in zip(args, in_axes, strict=True)])
+
+    if name in ("map", "vmap"):
+        def looped(*args):
+            return jax.lax.map(lambda picked: call(args, picked), mapped_of(args),
+                               batch_size=chunk)
+
+        return looped
 
     def unrolled(*args):
-        mapped = [a for a, axis in zip(args, in_axes, strict=True) if axis == 0]
+        mapped = mapped_of(args)
         count = jax.tree.leaves(mapped)[0].shape[0]
-        outputs = []
-        for k in range(count):
-            picked = [jax.tree.map(lambda leaf, k=k: leaf[k], a) if axis == 0 else a
-                      for a, axis in zip(args, in_axes, strict=True)]
-            outputs.append(fn(*picked))
+        outputs = [call(args, [jax.tree.map(lambda leaf, k=k: leaf[k], a) for a in mapped])
+                   for k in range(count)]
         return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
 
     return unrolled

@@ -14,7 +14,7 @@ import jax
 
 from jaxmem.errors import UserError
 from jaxmem.models.layers import CONV_IMPLS
-from jaxmem.train.ensemble import STRATEGIES
+from jaxmem.train.ensemble import STRATEGIES, parse_strategy
 
 # backend -> (conv_impl, ensemble strategy)
 # cpu (2-core AMD EPYC, AVX2, idle; BENCHMARKS.md): one conv 128x16x16x64->64 fwd+bwd, GFLOP/s
@@ -40,8 +40,9 @@ def resolve(conv_impl: str, ensemble: str, backend: str | None = None) -> tuple[
     if conv_impl not in CONV_IMPLS:
         choices = ", ".join(CONV_IMPLS)
         raise UserError(f"unknown --conv-impl {conv_impl!r}; choose auto or {choices}")
-    if ensemble not in STRATEGIES:
-        raise UserError(f"unknown --ensemble {ensemble!r}; choose auto or {', '.join(STRATEGIES)}")
+    if parse_strategy(ensemble) is None:
+        raise UserError(f"unknown --ensemble {ensemble!r}; choose auto or {', '.join(STRATEGIES)} "
+                        "(C = models per chunk, >= 1)")
     return conv_impl, ensemble
 
 
