@@ -17,13 +17,11 @@ from jaxmem.models.layers import CONV_IMPLS
 from jaxmem.train.ensemble import STRATEGIES, parse_strategy
 
 # backend -> (conv_impl, ensemble strategy)
-# cpu (2-core AMD EPYC, AVX2, idle; BENCHMARKS.md): one conv 128x16x16x64->64 fwd+bwd, GFLOP/s
-# one model / vmap M=4 / unroll M=4: "xla" 18.0 / 3.4 (grouped conv) / 24.2, "im2col" 54.4 /
-# 55.2 / 55.7; candidates without the 9x column buffer lost (38-43). Whole small_vgg step (B=128):
-# im2col+vmap 168-175 model-examples/s for M = 1..8, 0.46 of the matmul peak, vs 173 for the best
-# sequential step (im2col) and 113 with lax convs. unroll is no faster and compiles one program
-# copy per model, so "auto" is im2col+vmap.
-# gpu/tpu: not measured here; lax convs are what those compilers optimise.
+# cpu: vmapped lax convs become grouped convolutions, several times slower than one model's;
+# im2col under vmap runs at one model's speed per model, and unroll is no faster while it
+# compiles one program copy per model, so "auto" is im2col+vmap (numbers: BENCHMARKS.md).
+# gpu/tpu: not measured yet; lax convs are what those compilers optimise
+# (experiments/gpu_bench.sh compares vmap, map and vmap:C with lax convs and im2col).
 BEST = {
     "cpu": ("im2col", "vmap"),
     "gpu": ("xla", "vmap"),
