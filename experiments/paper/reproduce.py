@@ -190,6 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for entry in summary["runs"]:
+        floor = entry["noise_floor_by_epoch"]
+        print(f"{entry['label']}: memorized by epoch {floor['observed']} against a noise floor "
+              f"(95th percentile) of {[round(p) for p in floor['p95']]}; rise then fall above "
+              f"noise: {'yes' if entry['stages']['rise_then_fall'] else 'no'}", flush=True)
     corr = summary["gap_correlation"]
     print(f"{len(complete)} runs analysed in {time.perf_counter() - started:.0f} s; "
           f"Pearson r (memorized vs gap) = {corr['pearson_r']}, p = {corr['p_value']}")

@@ -200,7 +200,8 @@ def memorization_stages(epochs: Sequence[int], counts: Sequence[float],
 
     Returns onset_epoch, peak_epoch, peak_count and final_count (the excess), final_epoch,
     decline (peak - final excess), decline_fraction (decline / peak), stage [E] (one of "none",
-    "rise", "decline").
+    "rise", "decline"), rise_then_fall (the excess peaks before the last epoch and then falls:
+    with a floor, a rise and fall that noise alone cannot produce).
     """
     epochs = [int(e) for e in epochs]
     counts = np.asarray(counts, np.float64)
@@ -214,12 +215,14 @@ def memorization_stages(epochs: Sequence[int], counts: Sequence[float],
     result = {"final_epoch": epochs[-1], "final_count": final, "peak_count": peak}
     if peak <= 0:
         return {**result, "onset_epoch": None, "peak_epoch": None, "decline": 0.0,
-                "decline_fraction": 0.0, "stage": ["none"] * len(epochs)}
+                "decline_fraction": 0.0, "stage": ["none"] * len(epochs),
+                "rise_then_fall": False}
     onset_at = int(np.flatnonzero((counts >= onset_fraction * peak) & (counts > 0))[0])
     stage = ["none" if e < onset_at else "rise" if e <= peak_at else "decline"
              for e in range(len(epochs))]
     return {**result, "onset_epoch": epochs[onset_at], "peak_epoch": epochs[peak_at],
-            "decline": peak - final, "decline_fraction": (peak - final) / peak, "stage": stage}
+            "decline": peak - final, "decline_fraction": (peak - final) / peak, "stage": stage,
+            "rise_then_fall": bool(peak_at < len(epochs) - 1 and final < peak)}
 
 
 def run_stages(run: Run, threshold: float | None = None,

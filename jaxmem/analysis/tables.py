@@ -158,10 +158,12 @@ def summary_markdown(summary: dict) -> str:
                    _fmt(r["stages"]["peak_epoch"], "d"),
                    _fmt(r["stages"]["peak_count"], ".0f"), r["stages"]["final_epoch"],
                    _fmt(r["stages"]["final_count"], ".0f"),
-                   _fmt(100 * r["stages"]["decline_fraction"], ".1f")]
+                   _fmt(100 * r["stages"]["decline_fraction"], ".1f"),
+                   "yes" if r["stages"]["rise_then_fall"] else "no"]
                   for r in summary["runs"]]
     lines.append(markdown_table(["Run", "Onset epoch", "Peak epoch", "Peak above noise",
-                                 "Final epoch", "Final above noise", "Decline %"], stage_rows))
+                                 "Final epoch", "Final above noise", "Decline %",
+                                 "Rise then fall above noise"], stage_rows))
     lines += ["## Counts and their noise floor", ""]
     lines.append(markdown_table(
         ["Run", "Epochs", "Memorized", "Noise mean", "Noise 95th pct"],
