@@ -19,9 +19,10 @@ EXECUTION_SETTINGS = ("data_dir", "eval_batch_size", "models_per_wave", "conv_im
                       "model_range", "until_se", "drop_diverged")
 
 # How models are trained from the settings; bump it when the same settings give other results
-# (2: each model draws its batches from its own subset instead of masking shared batches), so
-# that resume and merge refuse parts trained the old way.
-TRAINING_SCHEME = 2
+# (2: each model draws its batches from its own subset instead of masking shared batches; 3:
+# translation pads with black (raw pixel 0) instead of the mean colour), so that resume and
+# merge refuse parts trained the old way.
+TRAINING_SCHEME = 3
 
 
 def array_hash(array) -> str:
