@@ -29,16 +29,20 @@ class Config:
     canaries: int = setting(0, "plant this many training examples with a changed label (from "
                             "the seed; reported apart, left out of the counts) to check that "
                             "the run can detect memorization")
-    # optimisation: the paper's recipe (SGD + momentum, triangular schedule peaking at 0.4,
-    # wd 5e-4, batch 512, 100 epochs); the CLI takes small datasets' from jaxmem/recipes.py
+    # optimisation. The paper ("Back to fundamentals: re-examining memorization in deep learning
+    # models"): 100 epochs, batch 512, SGD with momentum, a triangular (one-cycle) schedule
+    # peaking at lr 0.4, weight decay 5e-4; these are the defaults (the CLI takes small
+    # datasets' epochs, batch, lr and evaluation interval from jaxmem/recipes.py). Ours:
+    # Nesterov momentum 0.9, the peak after 25% of training.
     epochs: int = setting(100, "training epochs")
     batch_size: int = setting(512, "examples per batch, drawn by each model from its own subset")
-    lr: float = setting(0.4, "peak learning rate of the triangular schedule")
-    lr_peak_fraction: float = setting(0.25, "share of training spent rising to the peak lr")
-    momentum: float = setting(0.9, "SGD (Nesterov) momentum")
-    weight_decay: float = setting(5e-4, "L2 weight decay")
+    lr: float = setting(0.4, "peak learning rate of the triangular schedule")  # the paper's
+    lr_peak_fraction: float = setting(0.25, "share of training spent rising to the peak lr")  # ours
+    momentum: float = setting(0.9, "SGD (Nesterov) momentum")  # momentum: paper; Nesterov: ours
+    weight_decay: float = setting(5e-4, "L2 weight decay")  # the paper's; coupled (ours): optim.py
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy")
-    # augmentation; None = the dataset's default
+    # augmentation; None = the dataset's default (the paper: flip + translate by 4 px at 32x32;
+    # the translation of other sizes is ours, see augment.py)
     flip: bool | None = setting(None, "random horizontal flips (default: the dataset's)")
     translate: int | None = setting(None, "random translation in pixels (default: the dataset's)")
     # evaluation: every `eval_every` epochs, and always the last

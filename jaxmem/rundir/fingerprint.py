@@ -27,8 +27,9 @@ ENSEMBLE_SETTINGS = ("num_models", "until_se", "drop_diverged")
 
 # How models are trained from the settings; bump it when the same settings give other results
 # (2: each model draws its batches from its own subset instead of masking shared batches; 3:
-# fixed per-dataset normalisation constants instead of statistics of the training images), so
-# that resume and merge refuse parts trained the old way.
+# fixed per-dataset normalisation constants instead of statistics of the training images;
+# translation pads with black, raw pixel 0, instead of the mean colour), so that resume and
+# merge refuse parts trained the old way.
 TRAINING_SCHEME = 3
 
 

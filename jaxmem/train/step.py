@@ -1,5 +1,10 @@
-"""The per-model functions: init, masked train step, evaluation. Written for ONE model; the
-ensemble axis is added by `ensemble.py` (Flax examples: `ensemble_step = jit(vmap(train_step))`).
+"""The per-model functions: init, train step, evaluation. Written for ONE model; the ensemble
+axis is added by `ensemble.py` (Flax examples: `ensemble_step = jit(vmap(train_step))`).
+
+Each model's batches come from its own subset; the only examples with weight 0 are the padding
+of an epoch's last batch, which count neither in the loss nor in the BatchNorm statistics.
+Evaluation uses the running BatchNorm statistics (eval mode), so an example's prediction does
+not depend on the rest of its evaluation batch.
 """
 
 from __future__ import annotations
@@ -50,6 +55,12 @@ def normalize(spec: StepSpec, images):
     return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def train_inputs(spec: StepSpec, images, example_ids, key):
+    """uint8 [B,H,W,Ch] -> the float32 batch a train step sees: augmented on the raw pixels,
+    then normalised, so translation pads with black ((0 - mean) / std per channel)."""
+    return normalize(spec, augment(images, example_ids, key, spec.flip, spec.translate))
+
+
 def init_state(spec: StepSpec, key, image_shape) -> ModelState:
     variables = spec.model.init(key, jnp.zeros((1, *image_shape), jnp.float32), False)
     params = variables["params"]
@@ -57,10 +68,10 @@ def init_state(spec: StepSpec, key, image_shape) -> ModelState:
 
 
 def weighted_loss(spec: StepSpec, logits, labels, weights):
-    """sum(w * l) / max(sum(w), 1): a held-out example (w = 0) adds nothing, not even to the
-    normaliser, so the loss equals the mean over the model's own examples in the batch.
-    Rows of weight 0 are selected away (`jnp.where`), never multiplied by 0: an inf or NaN there
-    (a bfloat16 overflow) changes neither the loss nor any gradient."""
+    """sum(w * l) / max(sum(w), 1): a padding example (w = 0) adds nothing, not even to the
+    normaliser, so the loss is the mean over the batch's real examples. Rows of weight 0 are
+    selected away (`jnp.where`), never multiplied by 0: an inf or NaN there (a bfloat16
+    overflow) changes neither the loss nor any gradient."""
     keep = weights > 0
     logits = jnp.where(keep[:, None], logits, 0.0)
     targets = optax.smooth_labels(jax.nn.one_hot(labels, spec.num_classes), spec.label_smoothing)
@@ -69,13 +80,14 @@ def weighted_loss(spec: StepSpec, logits, labels, weights):
 
 
 def train_step(spec: StepSpec, state: ModelState, images, labels, example_ids, weights, key):
-    """One SGD step of one model on a batch where only examples with weight 1 count.
+    """One SGD step of one model on a batch drawn from its own subset.
 
     images [B,H,W,Ch] uint8, labels [B], example_ids [B] (dataset indices, for augmentation
-    keys), weights [B] float 0/1, key: this model's augmentation key for the epoch.
+    keys), weights [B] float: 1, or 0 for the padding of an epoch's last batch (no loss, no
+    BatchNorm statistics), key: this model's augmentation key for the epoch.
     Returns the new state and this step's StepTotals.
     """
-    x = augment(normalize(spec, images), example_ids, key, spec.flip, spec.translate)
+    x = train_inputs(spec, images, example_ids, key)
     bn_mask = weights > 0
 
     def loss_fn(params):
@@ -94,7 +106,9 @@ def train_step(spec: StepSpec, state: ModelState, images, labels, example_ids, w
 
 
 def eval_correct(spec: StepSpec, state: ModelState, images, labels):
-    """[B] bool: does the model (running BatchNorm statistics) classify each image correctly?"""
+    """[B] bool: does the model classify each image correctly? Eval mode: BatchNorm uses its
+    running statistics (and leaves them unchanged), so each image's result is independent of
+    the others in the batch; no augmentation."""
     logits = spec.model.apply({"params": state.params, "batch_stats": state.batch_stats},
                               normalize(spec, images), False)
     return logits.argmax(-1) == labels
