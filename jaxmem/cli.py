@@ -117,9 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if hasattr(args, f.name)}
-        config, sources = recipes.resolve(given)
-        slug = os.path.splitext(os.path.basename(config.dataset))[0]
-        out = args.out or f"runs/{config.arch}-{slug}-k{config.num_models}-s{config.seed}"
         import jax
 
         from jaxmem import load_run
@@ -128,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.distributed:
             jax.distributed.initialize(args.coordinator_address, args.num_processes,
                                        args.process_id)
-        if config.dtype == "bfloat16" and jax.default_backend() == "cpu":
+        if given.get("dtype") == "bfloat16" and jax.default_backend() == "cpu":
             # Default run, 6 epochs, 2-core CPU: training 2,130 vs 3,195 model-examples/s.
             print("note: bfloat16 trains about 1.5x slower than float32 on CPU (it pays off on "
                   "GPU and TPU)", file=sys.stderr)
+        config, sources = recipes.resolve(given)
+        slug = os.path.splitext(os.path.basename(config.dataset))[0]
+        out = args.out or f"runs/{config.arch}-{slug}-k{config.num_models}-s{config.seed}"
         run(config, out, overwrite=args.overwrite, resume=args.resume,
             progress=not args.no_progress, grow=args.grow, sources=sources)
         if jax.process_index() == 0:

@@ -159,9 +159,9 @@ def test_divergence_stops_with_model_indices_or_is_dropped(npz, tmp_path):
 
 def test_until_se_grows_a_run_until_the_standard_errors_are_below_the_target(npz, tmp_path):
     """Grown with --until-se from 2 models: waves of 2 are added until every standard error is
-    below 0.4, which the standard errors (not only the counts of models) decide."""
-    target, out = 0.4, str(tmp_path / "se")
-    config = config_for(npz, num_models=16, epochs=1, eval_every=1, subset_ratio=0.5)
+    below 0.3, which the standard errors (not only the counts of models) decide."""
+    target, out = 0.3, str(tmp_path / "se")
+    config = config_for(npz, num_models=32, epochs=1, eval_every=1, subset_ratio=0.5)
     run(dataclasses.replace(config, num_models=2), out, progress=False)
     with pytest.raises(UserError, match="until-se chooses K"):
         run(dataclasses.replace(config, until_se=target, model_range="0:8"), out + "-part",
@@ -169,12 +169,16 @@ def test_until_se_grows_a_run_until_the_standard_errors_are_below_the_target(npz
     result = load_run(run(dataclasses.replace(config, until_se=target), out, grow=True,
                           progress=False))
     used = result.metrics["num_models"]
-    assert 4 <= used < 16 and used % 2 == 0 and list(result.model_indices) == list(range(used))
+    assert 4 <= used < 32 and used % 2 == 0 and list(result.model_indices) == list(range(used))
     assert result.metrics["max_memorization_se"] < target and not result.low_count.any()
-    # with one wave fewer every example had enough models, but some standard error was above
+    # with one wave fewer the target was missed; and some earlier wave had enough models for
+    # every example, yet a standard error above the target
     masks, correct = np.asarray(result.masks), np.asarray(result.correct_train)
-    fewer = estimator.memorization_scores(masks[:used - 2], correct[:used - 2], 2)
-    assert not fewer["low_count"].any() and np.nanmax(fewer["memorization_se"]) >= target
+    earlier = [estimator.memorization_scores(masks[:k], correct[:k], 2)
+               for k in range(2, used, 2)]
+    assert earlier[-1]["low_count"].any() or np.nanmax(earlier[-1]["memorization_se"]) >= target
+    assert any(not s["low_count"].any() and np.nanmax(s["memorization_se"]) >= target
+               for s in earlier)
 
 
 def test_a_grown_run_equals_a_fresh_run_with_more_models(npz, uninterrupted, tmp_path):
