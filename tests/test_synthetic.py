@@ -25,7 +25,7 @@ def test_singletons_score_far_above_large_subpopulations(tmp_path):
     np.savez(path, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test,
              y_test=data.y_test)
     config = Config(arch="tiny_cnn", dataset=str(path), num_models=12, subset_ratio=0.5,
-                    epochs=10, batch_size=32, lr=0.1, eval_every=5, seed=0, min_count=3,
+                    epochs=20, batch_size=32, lr=0.2, eval_every=10, seed=0, min_count=3,
                     canaries=10)
     result = load_run(run(config, str(tmp_path / "run"), progress=False))
     # 10 examples got another label (canaries): they are found, and not counted

@@ -229,13 +229,15 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
 def plan_line(config: Config, trainer: Trainer, waves: list, seconds_per_step: float) -> str:
     """The run's plan and its projected training time from a measured step."""
     steps = len(waves) * config.epochs * trainer.steps
-    hours = steps * seconds_per_step / 3600
+    seconds = steps * seconds_per_step
+    projected = (f"{seconds / 3600:.1f} h" if seconds >= 3600 else
+                 f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s")
     size = max(stop - start for start, stop, _ in waves)
     return (f"plan: {sum(stop - start for start, stop, _ in waves)} models in {len(waves)} "
             f"wave(s) of up to {size} on {trainer.mesh.size} device(s); {config.epochs} epochs "
             f"x {trainer.steps} steps of {config.batch_size} per model, evaluated at "
             f"{len(trainer.eval_epochs)} epochs; {seconds_per_step:.3f} s per step after "
-            f"compiling -> about {hours:.1f} h of training ({60 * hours:.0f} min)")
+            f"compiling -> about {projected} of training")
 
 
 def below_target_se(waves: list[dict], config: Config) -> bool:
