@@ -74,14 +74,22 @@ def free_memory(devices) -> int:
 def host_available_memory() -> int:
     """The host's available memory in bytes (Linux MemAvailable: free plus reclaimable cache),
     or, where /proc/meminfo is missing, the physical memory."""
+    available = _kib_field("/proc/meminfo", "MemAvailable:")
+    if available is None:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return available
+
+
+def _kib_field(path: str, name: str) -> int | None:
+    """The bytes of a 'Name:  123 kB' line of a /proc file, or None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(name):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
 
 
 def reset_peak_memory() -> None:
@@ -101,11 +109,4 @@ def peak_memory(devices) -> int | None:
     peaks = [p for p in peaks if p is not None]
     if peaks:
         return max(peaks)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _kib_field("/proc/self/status", "VmHWM:")
