@@ -113,7 +113,9 @@ def test_held_out_examples_have_no_influence(name):
 
     logits, updates = apply(variables, images, mask)
     subset_logits, subset_updates = apply(variables, images[np.asarray(mask)], None)
-    np.testing.assert_allclose(logits[np.asarray(mask)], subset_logits, rtol=1e-4, atol=1e-4)
+    # Equal up to float32 summation order; resnet18's last blocks normalise 3 values at 1x1
+    # over which BatchNorm amplifies that rounding (measured up to 3.6e-4 on logits near 1).
+    np.testing.assert_allclose(logits[np.asarray(mask)], subset_logits, rtol=1e-3, atol=1e-3)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  updates, subset_updates)
     # The statistics did move (the comparison above is not between two untouched inits).
