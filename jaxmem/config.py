@@ -48,6 +48,9 @@ class Config:
     # evaluation: every `eval_every` epochs, and always the last
     eval_every: int = setting(6, "evaluate every model on all examples every this many epochs")
     eval_batch_size: int = setting(1024, "examples per evaluation batch")
+    recalibrate_bn: bool = setting(True, "recompute each model's BatchNorm statistics on its "
+                                   "own subset before every evaluation (running averages lag "
+                                   "early in training)")
     threshold: float = setting(0.25, "score above which an example counts as memorized")
     min_count: int = setting(5, "fewer in- or held-out models than this: the score is NaN")
     null_permutations: int = setting(100, "shuffles of membership across models for the "

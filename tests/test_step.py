@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmem.train.step import StepSpec, weighted_loss
+from jaxmem.train.step import StepSpec, normalize, weighted_loss
 
 SPEC = StepSpec(model=None, tx=optax.sgd(0.1), num_classes=4, mean=(0.5,), std=(0.25,))
 
@@ -27,3 +27,28 @@ def test_padding_rows_of_inf_or_nan_change_neither_loss_nor_gradient(poison):
     assert loss == clean_loss
     np.testing.assert_array_equal(grad, clean_grad)
     assert not np.asarray(grad)[~kept].any()
+
+
+def test_recomputed_batchnorm_statistics_are_the_subsets_own():
+    """One batch holding a model's whole subset: eval mode with the recomputed statistics gives
+    the train-mode outputs on that batch (whatever the running averages were); padding rows and
+    the examples outside the subset change nothing."""
+    from jaxmem import models
+    from jaxmem.train.step import init_state, subset_batch_stats
+
+    spec = StepSpec(models.create("tiny_cnn", 4), optax.sgd(0.1), 4, (0.5,), (0.25,))
+    images = jax.random.randint(jax.random.key(1), (12, 8, 8, 1), 0, 256).astype(jnp.uint8)
+    state = init_state(spec, jax.random.key(0), (8, 8, 1))
+    stale = jax.tree.map(lambda s: s + 3.0, state.batch_stats)  # far from any batch's
+    state = state._replace(batch_stats=stale)
+    subset = jnp.array([[0, 2, 3, 5, 7, 8, 11, 11]])  # [S=1, B=8], the last one padding
+    weights = jnp.array([[1.0] * 7 + [0.0]])
+    recompute = jax.jit(lambda s, data: subset_batch_stats(spec, s, data, subset, weights))
+    stats = recompute(state, images)
+    variables = {"params": state.params, "batch_stats": stats}
+    x = normalize(spec, images[subset[0, :7]])
+    eval_logits = spec.model.apply(variables, x, False)
+    train_logits, _ = spec.model.apply(variables, x, True, mutable=["batch_stats"])
+    np.testing.assert_allclose(eval_logits, train_logits, rtol=1e-4, atol=1e-4)
+    changed = images.at[1].set(255).at[4].set(0)  # outside the subset
+    jax.tree.map(np.testing.assert_array_equal, recompute(state, changed), stats)

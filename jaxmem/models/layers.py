@@ -81,6 +81,9 @@ class Conv(nn.Module):
         return y
 
 
+BN_MOMENTUM = 0.9  # running = m * running + (1 - m) * batch statistics
+
+
 class BatchNorm(nn.Module):
     """BatchNorm whose training statistics use only the examples with mask 1.
 
@@ -96,7 +99,7 @@ class BatchNorm(nn.Module):
     masked-out row holds a NaN, and NaN running statistics for an all-masked batch.
     """
 
-    momentum: float = 0.9
+    momentum: float = BN_MOMENTUM
     epsilon: float = 1e-5
 
     @nn.compact

@@ -106,6 +106,8 @@ class Ensemble:
             donate_argnums=(0,))
         self.evaluate = jax.jit(
             self._sharded(self._evaluate, (P(AXIS), P(), P(), P()), P(AXIS)))
+        self.recalibrate = jax.jit(
+            self._sharded(self._recalibrate, (P(AXIS), P(AXIS), P(), P()), P(AXIS)))
 
     @property
     def num_devices(self) -> int:
@@ -146,6 +148,20 @@ class Ensemble:
 
         states, stats = map_models(one, self.strategy, (0, 0, 0))(states, orders, aug_keys)
         return states, jax.tree.map(jnp.add, totals, stats)
+
+    def _recalibrate(self, states, orders, images, labels):
+        """states with every model's BatchNorm statistics recomputed on its own subset (the
+        examples of its order [M, S*B] for an epoch; N marks padding): for evaluation."""
+        num_examples = labels.shape[0]
+
+        def one(state, order):
+            ids = order.reshape(-1, self.batch_size)  # [S, B]
+            weights = (ids < num_examples).astype(jnp.float32)
+            stats = step_lib.subset_batch_stats(self.spec, state, images,
+                                                jnp.minimum(ids, num_examples - 1), weights)
+            return state._replace(batch_stats=stats)
+
+        return map_models(one, self.strategy, (0, 0))(states, orders)
 
     def _evaluate(self, states, images, labels, ids):
         """[M, B] bool correctness of every model on images[ids] (ids clipped to the dataset)."""

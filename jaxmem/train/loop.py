@@ -99,7 +99,9 @@ class Trainer:
                                        result, bar)
             self._check_finite(epoch, indices, result, work)
             if epoch + 1 in self.eval_epochs:
-                self._evaluate(states, self.eval_epochs.index(epoch + 1), result)
+                orders = model_orders(config.seed, wave_indices, wave_masks, epoch, self.steps,
+                                      config.batch_size, ensemble.model_sharding)
+                self._evaluate(states, orders, self.eval_epochs.index(epoch + 1), result)
             result["epochs_done"] = np.int64(epoch + 1)
             if work and epoch + 1 < config.epochs and (
                     time.perf_counter() - saved >= config.checkpoint_seconds):
@@ -160,9 +162,13 @@ class Trainer:
                 f"epoch {epoch + 1}{where}; lower --lr, or pass --drop-diverged to "
                 "exclude them from the scores")
 
-    def _evaluate(self, states, position: int, result) -> None:
-        """Correctness of every model on every training and test example (eval mode)."""
+    def _evaluate(self, states, orders, position: int, result) -> None:
+        """Correctness of every model on every training and test example (eval mode), with
+        --recalibrate-bn after recomputing each model's BatchNorm statistics on its own subset
+        (the examples of its epoch order, orders [M, S*B])."""
         tic = time.perf_counter()
+        if self.config.recalibrate_bn and jax.tree.leaves(states.batch_stats):
+            states = self.ensemble.recalibrate(states, orders, self.x_train, self.y_train)
         real, size = result["train_loss"].shape[1], self.config.eval_batch_size
         result["correct_train"][position] = self.ensemble.correct_on(
             states, self.x_train, self.y_train, size)[:real]
