@@ -36,7 +36,7 @@ def npz(tmp_path_factory):
 
 def config_for(npz, **changes):
     base = Config(arch="tiny_cnn", dataset=npz, num_models=4, models_per_wave=2, epochs=4,
-                  eval_every=2, batch_size=64, seed=7, min_count=2)
+                  eval_every=2, batch_size=64, translate=0, seed=7, min_count=2)
     return dataclasses.replace(base, **changes)
 
 
@@ -69,8 +69,9 @@ def test_killed_run_refuses_changed_inputs_then_resumes_to_the_same_scores(
     out = str(tmp_path / "run")
     work = work_dir_of(out)
     args = [sys.executable, RUN_PY, f"--dataset={npz}", "--num-models=4", "--models-per-wave=2",
-            "--epochs=4", "--eval-every=2", "--batch-size=64", "--lr=0.4", "--seed=7",
-            "--min-count=2", "--checkpoint-seconds=0", f"--out={out}", "--no-progress"]
+            "--epochs=4", "--eval-every=2", "--batch-size=64", "--lr=0.4", "--translate=0",
+            "--seed=7", "--min-count=2", "--checkpoint-seconds=0", f"--out={out}",
+            "--no-progress"]
     child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     # SIGKILL as soon as the second wave has an epoch checkpoint: one wave done, one midway.
@@ -207,8 +208,8 @@ def test_two_processes_on_loopback_equal_a_single_process(npz, uninterrupted, tm
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen(
         [sys.executable, RUN_PY, f"--dataset={npz}", "--num-models=4", "--epochs=4",
-         "--eval-every=2", "--batch-size=64", "--lr=0.4", "--seed=7", "--min-count=2",
-         f"--out={out}",
+         "--eval-every=2", "--batch-size=64", "--lr=0.4", "--translate=0", "--seed=7",
+         "--min-count=2", f"--out={out}",
          "--no-progress", "--distributed", f"--coordinator-address=127.0.0.1:{port}",
          "--num-processes=2", f"--process-id={p}"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for p in range(2)]

@@ -37,17 +37,13 @@ from collections.abc import Sequence
 QUICK_DATASETS = ("digits",)
 QUICK_ARCHS = ("tiny_cnn", "small_vgg", "med_vgg")  # one "other" and two sizes of VGG
 QUICK_NUM_MODELS = 24  # at r = 0.7 about 7 held-out models per example (min_count is 5)
-QUICK_EPOCHS = 12  # per-model batches: digits subsets of 880 are 7 steps of 128 per epoch
-QUICK_EVAL_EVERY = 2
-QUICK_OVERRIDES = {"batch_size": 128, "lr": 0.1}  # digits: 880 examples per model
+QUICK_EVAL_EVERY = 2  # the rest (epochs, batch, lr, no translation) is digits' recipe
 # --- the paper's grid -------------------------------------------------------------------------
 FULL_DATASETS = ("cifar10", "cifar100", "tiny_imagenet")
 FULL_ARCHS = ("small_vgg", "med_vgg", "large_vgg", "vgg19", "resnet18", "resnet50",
               "vit_tiny", "vit_small")
 FULL_NUM_MODELS = 2000
-FULL_EPOCHS = 100
-FULL_EVAL_EVERY = 5
-FULL_OVERRIDES: dict = {}  # the paper's optimiser settings are Config's defaults
+FULL_EVAL_EVERY = 5  # the rest is the paper's recipe (jaxmem/recipes.py)
 # --- analysis ---------------------------------------------------------------------------------
 BOOTSTRAP_RESAMPLES = 200
 REPORT_RESAMPLES = 100
@@ -75,16 +71,17 @@ def is_complete(path: str) -> bool:
 
 
 def make_config(dataset: str, arch: str, quick: bool, args: argparse.Namespace):
-    from jaxmem.config import Config
+    """The run's Config: the grid's sizes and the flags given, the dataset's recipe for the
+    rest (as `experiments/run.py` does), with where each setting came from."""
+    from jaxmem import recipes
 
-    sizes = {"num_models": QUICK_NUM_MODELS, "epochs": QUICK_EPOCHS,
-             "eval_every": QUICK_EVAL_EVERY, **QUICK_OVERRIDES} if quick else {
-        "num_models": FULL_NUM_MODELS, "epochs": FULL_EPOCHS, "eval_every": FULL_EVAL_EVERY,
-        **FULL_OVERRIDES}
+    given = {"arch": arch, "dataset": dataset, "data_dir": args.data_dir, "seed": args.seed,
+             "num_models": QUICK_NUM_MODELS if quick else FULL_NUM_MODELS,
+             "eval_every": QUICK_EVAL_EVERY if quick else FULL_EVAL_EVERY}
     for name in ("num_models", "epochs", "eval_every", "models_per_wave"):
         if getattr(args, name) is not None:
-            sizes[name] = getattr(args, name)
-    return Config(arch=arch, dataset=dataset, data_dir=args.data_dir, seed=args.seed, **sizes)
+            given[name] = getattr(args, name)
+    return recipes.resolve(given)
 
 
 def train_missing(out: str, quick: bool, args: argparse.Namespace) -> None:
@@ -96,12 +93,12 @@ def train_missing(out: str, quick: bool, args: argparse.Namespace) -> None:
         if is_complete(path):
             print(f"[skip] {path} is complete", flush=True)
             continue
-        config = make_config(dataset, arch, quick, args)
+        config, sources = make_config(dataset, arch, quick, args)
         print(f"[train] {dataset}/{arch}: {config.num_models} models x {config.epochs} epochs",
               flush=True)
         started = time.perf_counter()
         resume = os.path.isdir(work_dir_of(path))  # an interrupted run continues
-        run(config, out=path, resume=resume, progress=not args.quiet)
+        run(config, out=path, resume=resume, progress=not args.quiet, sources=sources)
         print(f"[done] {path} in {time.perf_counter() - started:.0f} s", flush=True)
 
 
