@@ -46,30 +46,7 @@ def load_timm_vit(path: str, params: dict, arch: str,
     lead = ours["cls_token"].ndim - 3  # 1 with an ensemble axis, else 0
     tensors = _read_safetensors(path)
 
-    # Geometry of the file, checked against the arch before anything is converted.
-    patch_weight = _get(tensors, "patch_embed.proj.weight", path)
-    pos_embed = _get(tensors, "pos_embed", path)
-    if patch_weight.ndim != 4 or patch_weight.shape[2] != patch_weight.shape[3]:
-        raise UserError(f"{path}: patch_embed.proj.weight has shape {patch_weight.shape}, "
-                        f"expected [D, 3, P, P]")
-    file_patch, file_channels = patch_weight.shape[2], patch_weight.shape[1]
-    file_tokens = pos_embed.shape[1] - 1 if pos_embed.ndim == 3 else -1
-    file_grid = math.isqrt(max(file_tokens, 0))
-    if file_tokens < 1 or file_grid * file_grid != file_tokens:
-        raise UserError(f"{path}: pos_embed has shape {pos_embed.shape}, expected [1, 1+g*g, D] "
-                        f"(a cls position and a square grid)")
-    if f"blocks.{depth}.norm1.weight" in tensors:
-        raise UserError(f"{path}: has more than {depth} blocks; not a {arch} checkpoint")
-    expected = _timm_shapes(width, depth, mlp_dim, file_patch, file_channels, file_tokens)
-    for name, shape in expected.items():  # wrong shapes first: they say more than gaps do
-        if name in tensors and tuple(tensors[name].shape) != shape:
-            raise UserError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                            f"{arch} expects {shape}; is it a checkpoint of another ViT size?")
-    missing = [name for name in expected if name not in tensors]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
-                                          else "")
-        raise UserError(f"{path}: missing tensors for {arch}: {shown}")
+    patch_weight, file_channels = _check_file(tensors, path, arch, width, depth, mlp_dim)
 
     # Our geometry, from our params.
     patch, _, channels, _ = ours["patch_embed/kernel"].shape[lead:]
@@ -99,6 +76,35 @@ def load_timm_vit(path: str, params: dict, arch: str,
                             f"our model has {tuple(target.shape[lead:])}")
         new[name] = jnp.broadcast_to(jnp.asarray(value, target.dtype), target.shape)
     return traverse_util.unflatten_dict(new, sep="/")
+
+
+def _check_file(tensors: dict, path: str, arch: str, width: int, depth: int, mlp_dim: int):
+    """The file's geometry checked against the arch before anything is converted; returns the
+    patch embedding weight and the file's input channels."""
+    patch_weight = _get(tensors, "patch_embed.proj.weight", path)
+    pos_embed = _get(tensors, "pos_embed", path)
+    if patch_weight.ndim != 4 or patch_weight.shape[2] != patch_weight.shape[3]:
+        raise UserError(f"{path}: patch_embed.proj.weight has shape {patch_weight.shape}, "
+                        f"expected [D, 3, P, P]")
+    file_patch, file_channels = patch_weight.shape[2], patch_weight.shape[1]
+    file_tokens = pos_embed.shape[1] - 1 if pos_embed.ndim == 3 else -1
+    file_grid = math.isqrt(max(file_tokens, 0))
+    if file_tokens < 1 or file_grid * file_grid != file_tokens:
+        raise UserError(f"{path}: pos_embed has shape {pos_embed.shape}, expected [1, 1+g*g, D] "
+                        f"(a cls position and a square grid)")
+    if f"blocks.{depth}.norm1.weight" in tensors:
+        raise UserError(f"{path}: has more than {depth} blocks; not a {arch} checkpoint")
+    expected = _timm_shapes(width, depth, mlp_dim, file_patch, file_channels, file_tokens)
+    for name, shape in expected.items():  # wrong shapes first: they say more than gaps do
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            raise UserError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                            f"{arch} expects {shape}; is it a checkpoint of another ViT size?")
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
+                                          else "")
+        raise UserError(f"{path}: missing tensors for {arch}: {shown}")
+    return patch_weight, file_channels
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
