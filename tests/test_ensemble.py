@@ -160,8 +160,10 @@ class FakeDevice:
 def test_free_memory_is_the_devices_or_the_hosts_shared(monkeypatch):
     gpus = [FakeDevice({"bytes_limit": 100, "bytes_in_use": 30}), FakeDevice({"bytes_limit": 90})]
     assert waves.free_memory(gpus) == 70  # the smallest device's free memory
-    monkeypatch.setattr(waves, "host_available_memory", lambda: 1001)
-    assert waves.free_memory([FakeDevice(None), FakeDevice(None)]) == 500  # CPUs share the host
+    monkeypatch.setattr(waves, "host_available_memory", lambda: 1000)
+    # CPUs share the host's memory, of which HOST_MEMORY_SHARE is offered
+    assert waves.free_memory([FakeDevice(None), FakeDevice(None)]) == int(
+        waves.HOST_MEMORY_SHARE * 1000) // 2
 
 
 def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
@@ -171,7 +173,8 @@ def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
     per_model = waves.compiled_bytes(trainer, 1)
     assert per_model > DATASET.x_train.nbytes  # the dataset is an argument of the step
     for fits in (1, 10, 37):  # available memory for exactly `fits` models (and a half)
-        available = int((fits + 0.5) * per_model / waves.MEMORY_FRACTION)
+        available = int((fits + 0.5) * per_model / waves.MEMORY_FRACTION
+                        / waves.HOST_MEMORY_SHARE)
         monkeypatch.setattr(waves, "host_available_memory", lambda a=available: a)
         assert waves.auto_wave_size(trainer, 50) == min(fits, 50)
     monkeypatch.setattr(waves, "host_available_memory", lambda: 1)
