@@ -444,6 +444,14 @@ def benjamini_hochberg(pvalues, q: float = DEFAULT_Q) -> np.ndarray:
         return finite & (pvalues <= cutoff[..., None])
 
 
+def fdr_selected(memorization, pvalues, threshold: float = estimator.DEFAULT_THRESHOLD,
+                 q: float = DEFAULT_Q) -> np.ndarray:
+    """The memorized set at false discovery rate q: score above threshold AND selected by
+    Benjamini-Hochberg among the finite p-values of the same row. memorization, pvalues
+    [..., N] -> bool [..., N] (NaN, in either, never selected)."""
+    return _above(memorization, threshold) & benjamini_hochberg(pvalues, q)
+
+
 def memorized_fdr(masks, correct, q: float = DEFAULT_Q,
                   threshold: float = estimator.DEFAULT_THRESHOLD,
                   min_count: int = estimator.DEFAULT_MIN_COUNT) -> np.ndarray:
@@ -465,7 +473,7 @@ def memorized_fdr(masks, correct, q: float = DEFAULT_Q,
     memorization = estimator.from_counts(in_correct, out_correct, in_count, out_count,
                                           min_count)["memorization"]
     pvalues = pvalues_from_counts(in_correct, out_correct, in_count, out_count, min_count)
-    selected = _above(memorization, threshold) & benjamini_hochberg(pvalues, q)
+    selected = fdr_selected(memorization, pvalues, threshold, q)
     return selected[0] if single else selected
 
 

@@ -120,8 +120,7 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
                                                min_count)
     real = real_examples(masks.shape[1], info.canary_index)
     tested = np.where(real, pvalues, np.nan)  # canaries are not among the tested examples
-    fdr_set = (np.nan_to_num(by_epoch["memorization"], nan=-np.inf) > threshold) & (
-        significance.benjamini_hochberg(tested, fdr))
+    fdr_set = significance.fdr_selected(by_epoch["memorization"], tested, threshold, fdr)
     own = (result.correct_train & masks).sum(-1) / np.maximum(masks.sum(-1), 1)  # [E, K]
     held = (result.correct_train & ~masks).sum(-1) / np.maximum((~masks).sum(-1), 1)
     return {

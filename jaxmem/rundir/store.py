@@ -21,7 +21,7 @@ import numpy as np
 from jaxmem.canaries import real_examples
 from jaxmem.errors import UserError
 from jaxmem.estimator import DEFAULT_THRESHOLD
-from jaxmem.significance import benjamini_hochberg
+from jaxmem.significance import fdr_selected
 
 REQUIRED_FILES = ("config.json", "masks.npy", "scores.npz", "metrics.json")
 # scores.npz arrays with one column per model (model axis last): filtered to included models.
@@ -141,11 +141,11 @@ class Run:
         selects at this false discovery rate among the real examples' exact-test p-values, a
         set in which at most a share `fdr` are expected to be false discoveries."""
         scores = self.counted_scores(epoch)
-        chosen = np.nan_to_num(scores, nan=-np.inf) > threshold
-        if fdr is not None:
-            pvalues = self.memorization_pvalue_by_epoch[self.epoch_position(epoch)]
-            chosen &= benjamini_hochberg(np.where(self.real, pvalues, np.nan), fdr)
-        return np.flatnonzero(chosen)
+        if fdr is None:
+            return np.flatnonzero(np.nan_to_num(scores, nan=-np.inf) > threshold)
+        pvalues = self.memorization_pvalue_by_epoch[self.epoch_position(epoch)]
+        return np.flatnonzero(fdr_selected(scores, np.where(self.real, pvalues, np.nan),
+                                           threshold, fdr))
 
     def most_memorized(self, count: int = 10, epoch: int | None = None) -> np.ndarray:
         """Indices of the `count` highest scores, highest first (NaN scores last)."""
