@@ -47,7 +47,8 @@ class Config:
     translate: int | None = setting(None, "random translation in pixels (default: the dataset's)")
     # evaluation: every `eval_every` epochs, and always the last
     eval_every: int = setting(6, "evaluate every model on all examples every this many epochs")
-    eval_batch_size: int = setting(1024, "examples per evaluation batch")
+    eval_batch_size: int = setting(0, "examples per evaluation batch (0: the backend's "
+                                   "measured best, see train/lowering.py)")
     recalibrate_bn: bool = setting(True, "recompute each model's BatchNorm statistics on its "
                                    "own subset before every evaluation (running averages lag "
                                    "early in training)")
@@ -79,7 +80,10 @@ class Config:
     def __post_init__(self):
         if not 0.0 < self.subset_ratio < 1.0:
             raise UserError(f"--subset-ratio must be in (0, 1), got {self.subset_ratio}")
-        for name in ("num_models", "epochs", "batch_size", "eval_every", "eval_batch_size"):
+        if self.eval_batch_size < 0:
+            raise UserError(f"--eval-batch-size must be >= 0 (0: auto), got "
+                            f"{self.eval_batch_size}")
+        for name in ("num_models", "epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} must be >= 1, got {getattr(self, name)}")

@@ -87,6 +87,43 @@ def test_unknown_strategy_is_a_one_line_user_error(name):
     assert lowering.resolve("xla", "vmap:8", "cpu") == ("xla", "vmap:8")
 
 
+def test_forward_passes_take_explicit_choices_else_their_own_measured_best(monkeypatch):
+    monkeypatch.setitem(lowering.EVAL_BEST, "cpu", ("xla", "map", 96))
+    assert lowering.resolve_eval("auto", "auto", 0, "cpu") == ("xla", "map", 96)
+    assert lowering.resolve_eval("im2col", "vmap:2", 512, "cpu") == ("im2col", "vmap:2", 512)
+    assert lowering.resolve_eval("auto", "unroll", 0, "cpu") == ("xla", "unroll", 96)
+    with pytest.raises(UserError, match="--eval-batch-size must be >= 0"):
+        Config(eval_batch_size=-1)
+
+
+def test_forward_passes_on_their_own_lowering_equal_the_training_lowering():
+    from jaxmem import keys
+    from jaxmem.train.ensemble import Ensemble, make_mesh
+    from jaxmem.train.loop import build_spec
+    from jaxmem.train.orders import model_orders
+
+    config, indices = Config(**CONFIG), np.arange(3)
+    masks = run_masks(config, DATASET.num_train)
+    spec = build_spec(config, DATASET, 2, "im2col")
+    same = Ensemble(spec, DATASET.image_shape, 64, make_mesh(), "vmap")
+    own = Ensemble(spec, DATASET.image_shape, 64, make_mesh(), "vmap",
+                   build_spec(config, DATASET, 2, "xla"), "map")
+    states = same.init(jax.random.key_data(keys.model_keys(3, keys.INIT, indices)))
+    orders = model_orders(3, indices, masks, 0, 2, 64)
+    x, y = jnp.asarray(DATASET.x_train), jnp.asarray(DATASET.y_train)
+    recalibrated = [e.recalibrate(states, orders, x, y) for e in (same, own)]
+    for a, b in zip(*(jax.tree.leaves(r.batch_stats) for r in recalibrated), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    correct = [e.correct_on(r, x, y, 64) for e, r in zip((same, own), recalibrated, strict=True)]
+    assert correct[0].shape == (3, DATASET.num_train)
+    assert (correct[0] != correct[1]).mean() < 0.01
+    # ... and they did run on their own lowering: lax convs in a loop over the models
+    ids = jnp.arange(64, dtype=jnp.int32)
+    texts = [e.evaluate.lower(states, x, y, ids).as_text() for e in (same, own)]
+    assert "convolution" not in texts[0] and "while" not in texts[0]
+    assert "convolution" in texts[1] and "while" in texts[1]
+
+
 def test_wave_slices_pad_to_the_device_count():
     assert wave_slices(10, 4, 4) == [(0, 4, 4), (4, 8, 4), (8, 10, 4)]
     assert wave_slices(5, 0, 2) == [(0, 5, 6)]

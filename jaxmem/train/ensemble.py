@@ -90,13 +90,20 @@ class Ensemble:
 
     states carry a leading model axis M (a multiple of the mesh size), sharded on it. Keys
     cross the shard_map boundary as raw uint32 data [M, 2] (`jax.random.key_data`).
+
+    The forward-only passes (evaluate, recalibrate) may use their own lowering: eval_spec
+    (the same model and parameters with another conv_impl) and eval_strategy; by default the
+    training step's.
     """
 
     def __init__(self, spec: step_lib.StepSpec, image_shape, batch_size: int,
-                 mesh: Mesh | None = None, strategy: str = "vmap"):
+                 mesh: Mesh | None = None, strategy: str = "vmap",
+                 eval_spec: step_lib.StepSpec | None = None, eval_strategy: str | None = None):
         self.spec, self.image_shape, self.batch_size = spec, tuple(image_shape), batch_size
         self.mesh = mesh if mesh is not None else make_mesh()
         self.strategy = strategy
+        self.eval_spec = eval_spec if eval_spec is not None else spec
+        self.eval_strategy = eval_strategy or strategy
         self.model_sharding = NamedSharding(self.mesh, P(AXIS))
         self.replicated = NamedSharding(self.mesh, P())
         self.init = jax.jit(self._sharded(self._init, (P(AXIS),), P(AXIS)))
@@ -157,11 +164,11 @@ class Ensemble:
         def one(state, order):
             ids = order.reshape(-1, self.batch_size)  # [S, B]
             weights = (ids < num_examples).astype(jnp.float32)
-            stats = step_lib.subset_batch_stats(self.spec, state, images,
+            stats = step_lib.subset_batch_stats(self.eval_spec, state, images,
                                                 jnp.minimum(ids, num_examples - 1), weights)
             return state._replace(batch_stats=stats)
 
-        return map_models(one, self.strategy, (0, 0))(states, orders)
+        return map_models(one, self.eval_strategy, (0, 0))(states, orders)
 
     def _evaluate(self, states, images, labels, ids):
         """[M, B] bool correctness of every model on images[ids] (ids clipped to the dataset)."""
@@ -169,9 +176,9 @@ class Ensemble:
         batch_images, batch_labels = images[ids], labels[ids]
 
         def one(state):
-            return step_lib.eval_correct(self.spec, state, batch_images, batch_labels)
+            return step_lib.eval_correct(self.eval_spec, state, batch_images, batch_labels)
 
-        return map_models(one, self.strategy, (0,))(states)
+        return map_models(one, self.eval_strategy, (0,))(states)
 
     def correct_on(self, states, images, labels, eval_batch_size: int) -> np.ndarray:
         """[M, N] bool correctness on a whole on-device split, in fixed-size chunks (one trace)."""

@@ -38,8 +38,11 @@ class DivergedError(UserError):
     """Some models' loss became NaN/inf and --drop-diverged was not given."""
 
 
-def build_spec(config: Config, dataset: Dataset, steps_per_epoch: int) -> StepSpec:
-    conv_impl, _ = lowering.resolve(config.conv_impl, config.ensemble)
+def build_spec(config: Config, dataset: Dataset, steps_per_epoch: int,
+               conv_impl: str | None = None) -> StepSpec:
+    """The step's model, optimiser and augmentation; conv_impl (default: the training
+    lowering of config.conv_impl) changes only how convolutions are computed."""
+    conv_impl = conv_impl or lowering.resolve(config.conv_impl, config.ensemble)[0]
     model = models.create(config.arch, dataset.num_classes, conv_impl=conv_impl,
                           dtype=config.dtype)
     flip = dataset.flip if config.flip is None else config.flip
@@ -55,9 +58,13 @@ class Trainer:
         self.config, self.dataset = config, dataset
         self.steps = steps_per_epoch(dataset.num_train, config.subset_ratio, config.batch_size)
         _, strategy = lowering.resolve(config.conv_impl, config.ensemble)
+        eval_conv, eval_strategy, self.eval_batch_size = lowering.resolve_eval(
+            config.conv_impl, config.ensemble, config.eval_batch_size)
         self.mesh = make_mesh(devices)
         self.ensemble = Ensemble(build_spec(config, dataset, self.steps), dataset.image_shape,
-                                 config.batch_size, self.mesh, strategy)
+                                 config.batch_size, self.mesh, strategy,
+                                 build_spec(config, dataset, self.steps, eval_conv),
+                                 eval_strategy)
         put = lambda a: jax.device_put(a, self.ensemble.replicated)  # noqa: E731
         self.x_train, self.y_train = put(dataset.x_train), put(dataset.y_train)
         self.x_test, self.y_test = put(dataset.x_test), put(dataset.y_test)
@@ -169,7 +176,7 @@ class Trainer:
         tic = time.perf_counter()
         if self.config.recalibrate_bn and jax.tree.leaves(states.batch_stats):
             states = self.ensemble.recalibrate(states, orders, self.x_train, self.y_train)
-        real, size = result["train_loss"].shape[1], self.config.eval_batch_size
+        real, size = result["train_loss"].shape[1], self.eval_batch_size
         result["correct_train"][position] = self.ensemble.correct_on(
             states, self.x_train, self.y_train, size)[:real]
         result["correct_test"][position] = self.ensemble.correct_on(

@@ -29,6 +29,19 @@ BEST = {
 }
 
 
+# backend -> (conv_impl, ensemble strategy, batch) of the forward-only passes (evaluation and
+# BatchNorm recalibration), measured apart from training's (experiments/eval_lowerings.py,
+# BENCHMARKS.md). cpu: without a backward pass lax convs win once each model runs its own
+# (lax.map; under vmap they are grouped): one evaluation of the default run's 32 tiny_cnn
+# models took 2.0 s against 7.7 s with training's im2col/vmap at batch 1,024, and 4 small_vgg
+# models on 32x32 images 10.4-11.1 s against 17.5-21.0 s; batches 128-512 are within 10%.
+EVAL_BEST = {
+    "cpu": ("xla", "map", 256),
+    "gpu": ("xla", "vmap", 1024),
+    "tpu": ("xla", "vmap", 1024),
+}
+
+
 def resolve(conv_impl: str, ensemble: str, backend: str | None = None) -> tuple[str, str]:
     """Replace "auto" by the measured best for the backend; check explicit choices."""
     backend = backend or jax.default_backend()
@@ -42,6 +55,17 @@ def resolve(conv_impl: str, ensemble: str, backend: str | None = None) -> tuple[
         raise UserError(f"unknown --ensemble {ensemble!r}; choose auto or {', '.join(STRATEGIES)} "
                         "(C = models per chunk, >= 1)")
     return conv_impl, ensemble
+
+
+def resolve_eval(conv_impl: str, ensemble: str, batch_size: int,
+                 backend: str | None = None) -> tuple[str, str, int]:
+    """(conv_impl, ensemble, batch) of the forward-only passes: a --conv-impl or --ensemble
+    given explicitly applies to them too, "auto" takes EVAL_BEST; batch_size 0 takes its batch."""
+    backend = backend or jax.default_backend()
+    best_conv, best_ensemble, best_batch = EVAL_BEST.get(backend, EVAL_BEST["gpu"])
+    conv_impl, ensemble = resolve(best_conv if conv_impl == "auto" else conv_impl,
+                                  best_ensemble if ensemble == "auto" else ensemble, backend)
+    return conv_impl, ensemble, batch_size or best_batch
 
 
 # Allocator settings for the process (glibc reads them only at start-up, hence a re-exec).

@@ -151,7 +151,11 @@ def data_info(dataset, planted: canaries.Canaries, fingerprints: dict[str, str])
 def provenance(config: Config, info: DataInfo) -> dict:
     """How this process computes the run: recorded in config.json beside the settings."""
     conv_impl, ensemble = lowering.resolve(config.conv_impl, config.ensemble)
-    return {"resolved": {"conv_impl": conv_impl, "ensemble": ensemble},
+    eval_conv, eval_ensemble, eval_batch = lowering.resolve_eval(
+        config.conv_impl, config.ensemble, config.eval_batch_size)
+    return {"resolved": {"conv_impl": conv_impl, "ensemble": ensemble,
+                         "eval_conv_impl": eval_conv, "eval_ensemble": eval_ensemble,
+                         "eval_batch_size": eval_batch},
             "num_params": models.param_count(config.arch, info.num_classes, info.image_shape),
             "versions": library_versions(), "backend": jax.default_backend()}
 

@@ -55,7 +55,7 @@ def compiled_bytes(trainer, count: int) -> int:
     train = ensemble.train_step.lower(
         states, totals, sharded((count, trainer.steps * trainer.config.batch_size), jnp.int32),
         keys_shape, trainer.x_train, trainer.y_train, 0).compile()
-    ids = jax.ShapeDtypeStruct((trainer.config.eval_batch_size,), jnp.int32)
+    ids = jax.ShapeDtypeStruct((trainer.eval_batch_size,), jnp.int32)
     evaluate = ensemble.evaluate.lower(states, trainer.x_train, trainer.y_train, ids).compile()
     return max(_bytes(train.memory_analysis()), _bytes(evaluate.memory_analysis()))
 
