@@ -18,7 +18,12 @@ Variants, each timed for --seconds after compiling:
   (c) vmap       plain `jax.vmap` of the single-model step with lax convs ("xla"/"vmap");
   (d) matmul     the backend's dense matmul peak (4096^2 float32 on CPU, 8192^2 bfloat16
                  on GPU/TPU);
-  plus evaluation: Ensemble.evaluate (forward only, running BatchNorm statistics).
+  (e) pytorch    what a user would run instead: PyTorch eager, one model at a time, same
+                 layout, optimiser, batch and flips (experiments/torch_baseline.py; skipped
+                 with a note when torch is not installed); `over_pytorch` = (a) / (e);
+  plus evaluation: Ensemble.evaluate (forward only, running BatchNorm statistics) on the
+  evaluation's own lowering (jaxmem.train.lowering.EVAL_BEST unless --conv-impl/--ensemble
+  are given).
 GFLOP/s = XLA's cost analysis of the compiled step (flops) / measured step time.
 --sweep=1,2,4,8,16 repeats (a) for each number of models per wave (throughput vs M).
 Images: random uint8 32x32x3, 10 classes (--dataset=NAME uses a registered dataset instead).
@@ -57,7 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default=None, help="registered dataset instead of random")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per variant")
     parser.add_argument("--eval-batch-size", type=int, default=512)
-    parser.add_argument("--skip", default="", help="comma-separated: sequential,vmap,eval,matmul")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated: sequential,vmap,eval,matmul,pytorch")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--project", default="2000,100",
                         help="K,E: project the time of K models x E epochs on CIFAR-10")
@@ -110,6 +116,8 @@ class Bench:
         self.dataset = dataset
         self.steps = orders.steps_per_epoch(dataset.num_train, 0.7, batch)
         self.conv_impl, self.strategy = lowering.resolve(args.conv_impl, args.ensemble)
+        self.eval_conv, self.eval_strategy, _ = lowering.resolve_eval(
+            args.conv_impl, args.ensemble, args.eval_batch_size)
         self.config = Config(arch=args.arch, batch_size=batch, dtype=args.dtype,
                              conv_impl=self.conv_impl, ensemble=self.strategy)
         self.spec = loop.build_spec(self.config, dataset, self.steps)
@@ -141,7 +149,8 @@ class Bench:
         from jaxmem.train.ensemble import Ensemble
 
         ensemble = Ensemble(spec, self.dataset.image_shape, self.args.batch_size,
-                            strategy=strategy)
+                            strategy=strategy, eval_spec=self.spec_with(self.eval_conv),
+                            eval_strategy=self.eval_strategy)
         indices = np.arange(num_models)
         orders = jax.device_put(self.orders[:num_models], ensemble.model_sharding)
         states = ensemble.init(jax.device_put(
@@ -260,6 +269,9 @@ def main(argv=None) -> int:
         best = min(singles, key=lambda k: singles[k]["seconds_per_model_step"])
         results["sequential"] = {"conv_impl": best, "per_impl": singles}
         save(results, args.json)
+    if "pytorch" not in args.skip:
+        results["pytorch"] = pytorch_baseline(bench)
+        save(results, args.json)
     for num_models in sweep:
         try:
             row = bench.ensemble_step(num_models, bench.spec, bench.strategy)
@@ -300,6 +312,9 @@ def main(argv=None) -> int:
         show(f"sequential single ({results['sequential']['conv_impl']}) x M",
              bench._row(args.models, seq_seconds, single["flops_per_model_step"] * args.models,
                         single["load_avg"]))
+    if results.get("pytorch", {}).get("model_examples_per_s"):
+        results["over_pytorch"] = (results["model_examples_per_s"]
+                                   / results["pytorch"]["model_examples_per_s"])
     save(results, args.json)  # plain vmap below can take many minutes on CPU (grouped convs)
     if "vmap" not in args.skip:
         row = bench.ensemble_step(args.models, bench.spec_with("xla"), "vmap")
@@ -312,13 +327,36 @@ def main(argv=None) -> int:
     results["projection"] = projection(args, results["sweep"])
     summary = {k: results.get(k) for k in (
         "model_examples_per_s", "ensemble_over_sequential", "ensemble_gflops",
-        "sequential_gflops", "vmap_gflops", "matmul_peak_gflops", "fraction_of_matmul_peak",
-        "eval_model_examples_per_s")}
+        "over_pytorch", "sequential_gflops", "vmap_gflops", "matmul_peak_gflops",
+        "fraction_of_matmul_peak", "eval_model_examples_per_s")}
     summary["projected_hours"] = results["projection"]["total_hours"]
     print("# " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in summary.items()), flush=True)
     save(results, args.json)
     return 0
+
+
+def pytorch_baseline(bench: Bench) -> dict:
+    """experiments/torch_baseline.py on the benchmark's images, or why it was skipped."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import torch_baseline
+
+    reason = torch_baseline.available()
+    if reason is None and bench.args.arch not in torch_baseline.LAYOUTS:
+        reason = f"no PyTorch layout for {bench.args.arch}"
+    if reason:
+        print(f"# pytorch: skipped ({reason})", flush=True)
+        return {"skipped": reason}
+    data = bench.dataset
+    result = torch_baseline.best_rate(bench.args.arch, data.x_train, data.y_train,
+                                      data.num_classes, bench.args.batch_size, bench.args.seconds)
+    seconds = bench.args.batch_size / result["model_examples_per_s"]
+    print(f"{'pytorch eager, one model (' + result['memory_format'] + ')':<34}{1:>4}"
+          f"{1e3 * seconds:>10.1f}{result['model_examples_per_s']:>12.0f}{'':>9}"
+          f"{load_average():>6.2f}", flush=True)
+    return result
 
 
 CIFAR10_SIZES = (50_000, 10_000)  # training and test images

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -70,3 +71,25 @@ def test_bad_projection_is_refused(bench, project, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args([f"--project={project}"])
     assert "--project must be K,E" in capsys.readouterr().err
+
+
+def test_pytorch_baseline_is_skipped_with_its_reason_when_torch_is_missing(bench, monkeypatch,
+                                                                          capsys):
+    torch_baseline = load_script("torch_baseline")
+    monkeypatch.setitem(sys.modules, "torch_baseline", torch_baseline)
+    monkeypatch.setattr(torch_baseline, "available", lambda: "torch is not installed")
+    fake = type("FakeBench", (), {"args": bench.parse_args(["--arch=small_vgg"])})()
+    assert bench.pytorch_baseline(fake) == {"skipped": "torch is not installed"}
+    assert "pytorch: skipped (torch is not installed)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["small_vgg", "med_vgg"])
+def test_pytorch_baseline_has_the_same_parameters_as_the_jaxmem_model(arch):
+    pytest.importorskip("torch")
+    from jaxmem import models
+    from jaxmem.models.vgg import LAYOUTS
+
+    torch_model = load_script("torch_baseline").build_model(LAYOUTS[arch], 3, 10)
+    variables = models.create(arch, 10).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    jax_count = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+    assert sum(p.numel() for p in torch_model.parameters()) == jax_count
