@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,7 @@ def main(argv=None) -> None:
     parser.add_argument("--models", type=int, default=4)
     parser.add_argument("--lowerings", default=",".join(LOWERINGS))
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--json", default=None, help="write {lowering: {variant: GFLOP/s}} here")
     args = parser.parse_args(argv)
     lowering.reexec_with_process_env()
     b, s, c, m = args.batch, args.size, args.channels, args.models
@@ -126,6 +128,7 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     data = [jnp.asarray(rng.standard_normal(shape), jnp.float32)
             for shape in ((m, b, s, s, c), (m, 3, 3, c, c), (m, b, s, s, c))]
+    results = {}
     for name in args.lowerings.split(","):
         grad = jax.grad(lambda x, k, t, f=LOWERINGS[name]: jnp.vdot(f(x, k), t), (0, 1))
         variants = {"one model": (grad, [a[0] for a in data], 1),
@@ -134,8 +137,13 @@ def main(argv=None) -> None:
                                data, m)}
         for variant, (fn, fn_args, count) in variants.items():
             sec = seconds_per_jitted_call(fn, *fn_args, seconds=args.seconds)
-            print(f"{name:<22}{variant:<10} M={count:<3}{1e3 * sec:9.1f} ms"
-                  f"{count * flops / sec / 1e9:8.1f} GFLOP/s", flush=True)
+            gflops = count * flops / sec / 1e9
+            results.setdefault(name, {})[variant] = gflops
+            print(f"{name:<22}{variant:<10} M={count:<3}{1e3 * sec:9.1f} ms{gflops:8.1f} GFLOP/s",
+                  flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
 
 
 if __name__ == "__main__":
