@@ -3,9 +3,10 @@
     python experiments/bench.py --arch=small_vgg --models=8 --batch-size=256 --json=bench.json
 
 takes ~3 min on an idle 2-core CPU (compiles dominate; --seconds of timing per variant).
-Measured idle there (M=4, B=128; BENCHMARKS.md): ensemble im2col/vmap 168 model-examples/s at
-33.1 GFLOP/s = 0.46 of the 72.6 GFLOP/s matmul peak; sequential 173 (im2col convs) and 113
-(lax convs).
+Measured idle there (M=4, B=128; BENCHMARKS.md): on an AVX2 EPYC, ensemble im2col/vmap 168
+model-examples/s at 33.1 GFLOP/s = 0.46 of the 72.6 GFLOP/s matmul peak, sequential 173 (im2col
+convs) and 113 (lax convs); on an AVX-512 Xeon, ensemble 246, sequential 259 / 247, PyTorch
+832 (over_pytorch 0.30; 0.29 at B=512).
 
 Variants, each timed for --seconds after compiling:
   (a) ensemble   jaxmem's step as the trainer runs it (Ensemble(...).train_step: on-device
@@ -344,6 +345,8 @@ def pytorch_baseline(bench: Bench) -> dict:
     import torch_baseline
 
     reason = torch_baseline.available()
+    if reason is None and bench.jax.default_backend() != "cpu":
+        reason = "the PyTorch loop here runs on the CPU only"
     if reason is None and bench.args.arch not in torch_baseline.LAYOUTS:
         reason = f"no PyTorch layout for {bench.args.arch}"
     if reason:

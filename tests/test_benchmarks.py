@@ -78,7 +78,7 @@ def test_pytorch_baseline_is_skipped_with_its_reason_when_torch_is_missing(bench
     torch_baseline = load_script("torch_baseline")
     monkeypatch.setitem(sys.modules, "torch_baseline", torch_baseline)
     monkeypatch.setattr(torch_baseline, "available", lambda: "torch is not installed")
-    fake = type("FakeBench", (), {"args": bench.parse_args(["--arch=small_vgg"])})()
+    fake = type("FakeBench", (), {"args": bench.parse_args(["--arch=small_vgg"]), "jax": jax})()
     assert bench.pytorch_baseline(fake) == {"skipped": "torch is not installed"}
     assert "pytorch: skipped (torch is not installed)" in capsys.readouterr().out
 
