@@ -136,12 +136,9 @@ class Bench:
         return sorted(sweep)  # ascending: the first M that runs out of memory ends the sweep
 
     def spec_with(self, conv_impl: str):
-        import dataclasses
-
         from jaxmem.train import loop
 
-        config = dataclasses.replace(self.config, conv_impl=conv_impl)
-        return loop.build_spec(config, self.dataset, self.steps)
+        return loop.build_spec(self.config, self.dataset, self.steps, conv_impl)
 
     def ensemble_step(self, num_models: int, spec, strategy: str) -> dict:
         """Time Ensemble.train_step (and Ensemble.evaluate) for M models."""

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 
 from jaxmem.models.vgg import LAYOUTS
+from jaxmem.timing import seconds_per_call
 
 MEMORY_FORMATS = ("contiguous_format", "channels_last")
 
@@ -81,13 +81,8 @@ def seconds_per_step(arch: str, images: np.ndarray, labels: np.ndarray, num_clas
         optimizer.step()
 
     model.train()
-    for _ in range(2):
-        step()
-    calls, start = 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - start < seconds:
-        step()
-        calls += 1
-    return (time.perf_counter() - start) / calls
+    step()  # the second warm-up step is seconds_per_call's
+    return seconds_per_call(step, seconds)  # torch on the CPU returns when the step is done
 
 
 def best_rate(arch: str, images, labels, num_classes: int, batch_size: int,
