@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import types
 import typing
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                  if hasattr(args, f.name)}
         import jax
 
-        from jaxmem import load_run
+        from jaxmem import data, load_run
         from jaxmem.train.runner import run
 
         if args.distributed:
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print("note: bfloat16 trains about 1.5x slower than float32 on CPU (it pays off on "
                   "GPU and TPU)", file=sys.stderr)
         config, sources = recipes.resolve(given)
-        slug = os.path.splitext(os.path.basename(config.dataset))[0]
+        slug = data.slug(config.dataset)
         out = args.out or f"runs/{config.arch}-{slug}-k{config.num_models}-s{config.seed}"
         run(config, out, overwrite=args.overwrite, resume=args.resume,
             progress=not args.no_progress, grow=args.grow, sources=sources)

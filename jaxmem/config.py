@@ -16,11 +16,16 @@ def setting(default, help: str):  # noqa: A002 - mirrors argparse's keyword
 class Config:
     # what to train
     arch: str = setting("tiny_cnn", "architecture (see --list-archs)")
-    dataset: str = setting("digits", "dataset name, or a path to an .npz with x_train, y_train, "
-                           "x_test, y_test")
+    dataset: str = setting("digits", "dataset: digits, synthetic, mnist, fashion_mnist, cifar10, "
+                           "cifar100, tiny_imagenet, tfds:NAME[/CONFIG] (prepared in the data "
+                           "dir), folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*), or a "
+                           "path to an .npz with x_train, y_train, x_test, y_test")
     data_dir: str | None = setting(None, "folder holding the dataset files")
-    download: bool = setting(True, "download a missing dataset archive on first use (CIFAR, "
-                             "Tiny ImageNet)")
+    download: bool = setting(True, "download a missing dataset archive on first use (MNIST, "
+                             "Fashion-MNIST, CIFAR, Tiny ImageNet)")
+    test_split: str | None = setting(None, "tfds: datasets: the split to test on (default: test)")
+    image_size: int | None = setting(None, "tfds: and folder: datasets: resize every image to "
+                                     "NxN (bilinear; default: all images must share one size)")
     init_from: str | None = setting(None, "timm-layout .safetensors file to initialise a ViT")
     # the ensemble
     num_models: int = setting(32, "K, the number of models (each on its own random subset)")
@@ -109,6 +114,8 @@ class Config:
         if self.until_se is not None and self.until_se <= 0:
             raise UserError(f"--until-se must be > 0, got {self.until_se}")
         self.model_indices()  # validates --model-range
+        if self.image_size is not None and self.image_size < 1:
+            raise UserError(f"--image-size must be >= 1, got {self.image_size}")
         if self.translate is not None and self.translate < 0:
             raise UserError(f"--translate must be >= 0, got {self.translate}")
 

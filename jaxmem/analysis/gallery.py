@@ -23,7 +23,9 @@ def load_dataset(run: Run):
     against the run: same training and test sizes and the same training labels."""
     from jaxmem import data
 
-    dataset = data.load(run.config["dataset"], run.config.get("data_dir"), download=False)
+    dataset = data.load(run.config["dataset"], run.config.get("data_dir"), download=False,
+                        test_split=run.config.get("test_split"),
+                        image_size=run.config.get("image_size"))
     labels = run.labels
     real = run.real  # canaries carry a changed label
     if dataset.num_train != len(labels) or not np.array_equal(dataset.y_train[real],

@@ -66,9 +66,13 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def fetch(filename: str, folder: Path, dataset: str) -> Path:
-    """Download the official `filename` into `folder`, checked; returns its final path."""
-    archive = ARCHIVES[filename]
+def fetch(filename: str, folder: Path, dataset: str, archive: Archive | None = None) -> Path:
+    """Download the official `filename` into `folder`, checked; returns its final path.
+
+    `archive`: where it is published, default `ARCHIVES[filename]`; datasets whose files share
+    names (MNIST and Fashion-MNIST) keep their own tables and pass the entry.
+    """
+    archive = archive or ARCHIVES[filename]
     target = folder / filename
     fix = (f"place {filename} (or its extracted folder) into {folder} yourself; "
            f"{OPT_OUT} skips the download")

@@ -19,17 +19,14 @@ Default augmentation: random horizontal flip and translation by up to 8 px, the 
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from jaxmem.data import download as downloads
-from jaxmem.data import locate
+from jaxmem.data import images, locate
 from jaxmem.data.dataset import Dataset, normalization
 from jaxmem.errors import UserError
 
@@ -41,7 +38,6 @@ IMAGE_SIZE = 64
 FLIP = True
 TRANSLATE = 8
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-DECODE_THREADS = 8  # Pillow releases the GIL while decoding
 
 
 def load(data_dir: str | None = None, download: bool = True) -> Dataset:
@@ -213,35 +209,14 @@ def _decode_image(tree: _FolderTree | _ZipTree, rel: str) -> np.ndarray:
         raise UserError(f"{NAME}: {rel} is listed but missing in {tree.where}") from error
     except OSError as error:
         raise UserError(f"{NAME}: cannot read {rel} in {tree.where} ({error})") from error
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise UserError(f"{NAME}: {rel} in {tree.where} is not a readable image "
-                        f"({error})") from error
-    if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise UserError(f"{NAME}: {rel} in {tree.where} is {pixels.shape[1]}x{pixels.shape[0]}, "
-                        f"expected {IMAGE_SIZE}x{IMAGE_SIZE}")
-    return pixels
+    return images.decode(data, f"{NAME}: {rel} in {tree.where}", 3, (IMAGE_SIZE, IMAGE_SIZE))
 
 
-def _decode_into(tree, files: list[str], out: np.ndarray, chunk: int = 256) -> None:
+def _decode_into(tree, files: list[str], out: np.ndarray) -> None:
     """Decode `files` into `out` [len(files), 64, 64, 3], in parallel threads for a folder."""
-
-    def decode_chunk(start: int) -> None:
-        for i in range(start, min(start + chunk, len(files))):
-            out[i] = _decode_image(tree, files[i])
-
-    starts = range(0, len(files), chunk)
     # A zip has one shared file handle, which ZipFile does not promise to be thread-safe.
-    threads = 1 if isinstance(tree, _ZipTree) else max(1, min(DECODE_THREADS, os.cpu_count() or 1))
-    if threads == 1:
-        for start in starts:
-            decode_chunk(start)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(decode_chunk, starts):
-            pass  # re-raises the first error
+    threads = 1 if isinstance(tree, _ZipTree) else None
+    images.fill(out, lambda i: _decode_image(tree, files[i]), threads)
 
 
 def _decode(tree, listing: _Listing, writer: locate.ArrayWriter) -> dict:

@@ -95,7 +95,7 @@ def train_and_evaluate(config: Config, out: str, overwrite: bool = False,
     with --until-se its models count towards the target). recorded: more entries for
     config.json (e.g. where each setting came from)."""
     started = time.perf_counter()
-    loaded = data.load(config.dataset, config.data_dir, download=config.download)
+    loaded = data.load_for(config)
     dataset, planted = canaries.plant(loaded, config.canaries, config.seed)
     info = data_info(dataset, planted, dataset_fingerprints(loaded))
     if prior is not None:
