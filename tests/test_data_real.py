@@ -24,7 +24,6 @@ from jaxmem.data.dataset import NORMALIZATION
 from jaxmem.errors import UserError
 
 BATCH = 6  # images per fake CIFAR batch file
-TFDS_MISSING = "tensorflow-datasets is not installed (optional extra: pip install 'jaxmem[tfds]')"
 
 
 @pytest.fixture(autouse=True)
@@ -375,7 +374,7 @@ def prepare_tfds(spec, files, tfds_dir: Path, tmp_path: Path):
     arrays TFDS would encode with TensorFlow. IDs, keys, shuffling and the shard format are
     TFDS's own.
     """
-    tfds = pytest.importorskip("tensorflow_datasets", reason=TFDS_MISSING)
+    import tensorflow_datasets as tfds
     from tensorflow_datasets.image_classification import cifar as tfds_cifar
 
     extracted = tmp_path / "tfds-src"
@@ -446,6 +445,5 @@ def test_tfds_data_dir_matches_official_order(spec, tmp_path, monkeypatch):
 
 
 def test_tfds_missing_data_message(tmp_path):
-    pytest.importorskip("tensorflow_datasets", reason=TFDS_MISSING)
     with pytest.raises(UserError, match=rf"no prepared TFDS dataset in {tmp_path}.*array_record"):
         jaxmem.data.load("tfds:cifar10", data_dir=str(tmp_path))

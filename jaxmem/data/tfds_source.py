@@ -135,7 +135,7 @@ def _feature_keys(tfds, info, where: str) -> tuple[str, str]:
     elif len(image_keys) == 1 and len(label_keys) == 1:
         keys = image_keys[0], label_keys[0]
     else:
-        listed = ", ".join(f"{k} ({type(f).__name__})" for k, f in features.items())
+        listed = ", ".join(f"{k} ({type(f).__name__})" for k, f in sorted(features.items()))
         raise UserError(f"{where}: cannot tell the image and the label apart: an image "
                         f"classification dataset has one Image and one ClassLabel feature (or "
                         f"supervised_keys naming them); this one has {listed}")
@@ -181,13 +181,15 @@ def _read_records(source, split: str, where: str, place: str):
         keys = list(range(start, min(start + READ_CHUNK, count)))
         try:
             records = source.__getitems__(keys)
-        except RuntimeError as error:  # array_record: checksum mismatch, truncated file
+        except (OSError, RuntimeError) as error:
+            # array_record reports every failure as RuntimeError: "open() failed: <reason>" for
+            # a missing or unreadable shard, a checksum mismatch or a short file otherwise.
+            message = " ".join(str(error).split())
+            detail = (f"cannot open a shard ({message})"
+                      if isinstance(error, OSError) or "open() failed" in message else
+                      f"unreadable ({message}); the data looks corrupt: prepare or copy it again")
             raise UserError(f"{where}: records {keys[0]}..{keys[-1]} of the {split} split in "
-                            f"{place} are unreadable ({error}); the data looks corrupt: prepare "
-                            f"or copy it again") from error
-        except OSError as error:  # a missing or unreadable shard file
-            raise UserError(f"{where}: cannot read records {keys[0]}..{keys[-1]} of the {split} "
-                            f"split in {place} ({error})") from error
+                            f"{place}: {detail}") from error
         yield start, records
 
 
@@ -242,9 +244,9 @@ def _decode(tfds, builder, keys: tuple[str, str], splits: tuple[str, str],
     channels = images.channels_of(every)
     size = images.common_size(every, described, image_size, where)
     # Pass 2: decode every image into its position.
-    for split, source in zip(splits, sources, strict=True):
+    for role, split, source in zip(("train", "test"), splits, sources, strict=True):
         labels, names, _, order, keep_names = scanned[split]
-        out = writer.empty(f"x_{split}", (len(labels), *size, channels), np.uint8)
+        out = writer.empty(f"x_{role}", (len(labels), *size, channels), np.uint8)
         for start, records in _read_records(source, split, where, place):
             decoded = np.empty((len(records), *size, channels), np.uint8)
             labelled = [(r[image_key], f"{where}: example {start + j} of the {split} split")
@@ -254,8 +256,8 @@ def _decode(tfds, builder, keys: tuple[str, str], splits: tuple[str, str],
             out[order[start:start + len(records)]] = decoded
         stored = np.empty_like(labels)
         stored[order] = labels
-        writer.put(f"y_{split}", stored)
-        if split == TRAIN_SPLIT:
+        writer.put(f"y_{role}", stored)
+        if role == "train":
             writer.put("original_index", np.arange(len(labels), dtype=np.int64))
             if name_key and keep_names:
                 placed = np.empty(len(names), dtype=object)
