@@ -216,3 +216,26 @@ def test_malformed_names_and_misplaced_settings_are_one_line_errors(tmp_path):
         jaxmem.data.load("digits", test_split="validation")
     with pytest.raises(UserError, match=r"--image-size applies to tfds: and folder:"):
         jaxmem.data.load("digits", image_size=8)
+
+
+def test_a_tfds_set_runs_end_to_end(tmp_path):
+    """The CLI on a TFDS set shaped like test_cli's tiny .npz (90 + 20 6x6 gray images, 3
+    classes), so the compiled programs are shared."""
+    from test_cli import TINY
+
+    from jaxmem import load_run
+    from jaxmem.cli import main
+
+    features = {"image": tfds.features.Image(shape=(6, 6, 1)),
+                "label": tfds.features.ClassLabel(num_classes=3),
+                "id": tfds.features.Text()}
+    rng = np.random.default_rng(12)
+    rows = {split: [{"image": Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)),
+                     "label": int(rng.integers(3)), "id": f"{split}_{i}"} for i in range(count)]
+            for split, count in (("train", 90), ("test", 20))}
+    prepare(tmp_path, "tiny", rows, features)
+    out = tmp_path / "run"
+    assert main(TINY + ["--dataset=tfds:tiny", f"--data-dir={tmp_path}", f"--out={out}"]) == 0
+    run = load_run(str(out))
+    np.testing.assert_array_equal(run.labels, [r["label"] for r in rows["train"]])
+    assert run.memorization.shape == (90,)
