@@ -23,9 +23,9 @@ class Config:
     data_dir: str | None = setting(None, "folder holding the dataset files")
     download: bool = setting(True, "download a missing dataset archive on first use (MNIST, "
                              "Fashion-MNIST, CIFAR, Tiny ImageNet)")
-    test_split: str | None = setting(None, "tfds: datasets: the split to test on (default: test)")
+    test_split: str | None = setting(None, "tfds: datasets: the split to test on (None: 'test')")
     image_size: int | None = setting(None, "tfds: and folder: datasets: resize every image to "
-                                     "NxN (bilinear; default: all images must share one size)")
+                                     "NxN, bilinear (None: all must share one size)")
     init_from: str | None = setting(None, "timm-layout .safetensors file to initialise a ViT")
     # the ensemble
     num_models: int = setting(32, "K, the number of models (each on its own random subset)")
