@@ -68,7 +68,7 @@ def load(spec: str, data_dir: str | None = None, test_split: str | None = None,
     files = sorted(p for p in version_dir.iterdir() if p.is_file())
     cache = "-".join(["tfds", name, *([config] if config else []),
                       *([f"{image_size}px"] if image_size else []), splits[1]])
-    arrays, meta = locate.cached_arrays(
+    arrays, _ = locate.cached_arrays(
         cache, root, locate.fingerprint(files, extra=f"{where}\n{splits}\n{image_size}"),
         lambda writer: _decode(tfds, builder, (image_key, label_key), splits, image_size, where,
                                writer))
@@ -259,8 +259,6 @@ def _decode(tfds, builder, keys: tuple[str, str], splits: tuple[str, str],
         writer.put(f"y_{role}", stored)
         if role == "train":
             writer.put("original_index", np.arange(len(labels), dtype=np.int64))
-            if name_key and keep_names:
-                placed = np.empty(len(names), dtype=object)
-                placed[order] = names
-                writer.put("file_names", placed.astype(str))
+            if name_key and keep_names:  # names that are not positions, in the stored order
+                writer.put("file_names", np.asarray(names))
     return {"tfds_version": str(builder.info.version), "features": list(keys)}
