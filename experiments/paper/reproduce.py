@@ -54,9 +54,6 @@ FULL_ARCHS = ("small_vgg", "med_vgg", "large_vgg", "vgg19", "resnet18", "resnet5
               "vit_tiny", "vit_small")
 FULL_NUM_MODELS = 2000
 FULL_EVAL_EVERY = 5  # the rest is the paper's recipe (jaxmem/recipes.py)
-# --- analysis ---------------------------------------------------------------------------------
-BOOTSTRAP_RESAMPLES = 200
-REPORT_RESAMPLES = 100
 
 
 def grid(quick: bool, archs: Sequence[str] | None = None,
@@ -112,14 +109,12 @@ def train_missing(out: str, quick: bool, args: argparse.Namespace) -> None:
         print(f"[done] {path} in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def analyze(run_dirs: Sequence[str], out: str, resamples: int = BOOTSTRAP_RESAMPLES,
-            report: bool = True) -> dict:
+def analyze(run_dirs: Sequence[str], out: str, report: bool = True) -> dict:
     """Write the figures, Table 1, the summary (and the HTML report) for complete runs."""
     from jaxmem.analysis import figures, stats, tables
     from jaxmem.rundir.store import load_run
 
     runs = tables.sorted_runs([load_run(path) for path in run_dirs])
-    counts = {run.path: stats.memorized_counts(run, num_resamples=resamples) for run in runs}
     by_dataset: dict[str, list] = {}
     for run in runs:
         by_dataset.setdefault(stats.dataset_name(run), []).append(run)
@@ -128,7 +123,7 @@ def analyze(run_dirs: Sequence[str], out: str, resamples: int = BOOTSTRAP_RESAMP
                figures.memorization_vs_gap(runs, path=os.path.join(
                    out, "fig3_memorization_vs_gap.png"))]
     for dataset, dataset_runs in by_dataset.items():
-        written.append(figures.memorization_curve(dataset_runs, counts=counts, path=os.path.join(
+        written.append(figures.memorization_curve(dataset_runs, path=os.path.join(
             out, f"fig2_memorization_vs_epoch_{dataset}.png")))
         written.append(figures.run_score_histograms(dataset_runs, path=os.path.join(
             out, f"fig4_scores_by_run_{dataset}.png")))
@@ -138,7 +133,7 @@ def analyze(run_dirs: Sequence[str], out: str, resamples: int = BOOTSTRAP_RESAMP
             out, f"fig4_scores_by_epoch_{name}.png")))
     with open(os.path.join(out, "table1.md"), "w") as f:
         f.write(tables.table1(runs))
-    summary = tables.paper_summary(runs, counts=counts)
+    summary = tables.paper_summary(runs)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(out, "summary.md"), "w") as f:
@@ -146,8 +141,7 @@ def analyze(run_dirs: Sequence[str], out: str, resamples: int = BOOTSTRAP_RESAMP
     if report:
         from jaxmem.report import build_report
 
-        build_report([run.path for run in runs], os.path.join(out, "report.html"),
-                     num_resamples=REPORT_RESAMPLES)
+        build_report([run.path for run in runs], os.path.join(out, "report.html"))
     return summary
 
 
@@ -168,8 +162,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models-per-wave", type=int, default=None,
                         help="models per jitted step (memory); does not change results")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES,
-                        help="bootstrap resamples over models for the count intervals")
     parser.add_argument("--skip-training", action="store_true",
                         help="only analyse the complete runs already in OUT/runs")
     parser.add_argument("--no-report", action="store_true", help="do not write report.html")
@@ -193,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[missing] {path}", flush=True)
         if not complete:
             raise UserError(f"no complete run directories under {os.path.join(out, 'runs')}")
-        summary = analyze(complete, out, args.bootstrap, not args.no_report)
+        summary = analyze(complete, out, not args.no_report)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -103,13 +103,11 @@ def modelwise_pairs(runs: Sequence[Run]) -> list[tuple[Run, Run]]:
     return pairs
 
 
-def paper_summary(runs: Sequence[Run], threshold: float | None = None,
-                  counts: dict[str, stats.MemorizedCounts] | None = None) -> dict:
+def paper_summary(runs: Sequence[Run], threshold: float | None = None) -> dict:
     """The numbers behind the paper's claims, JSON-ready.
 
     runs: per run, Table 1's row, the stages of memorization over training (on the counts
-    above the noise floor), the noise floor per evaluated epoch and (if `counts` maps run paths
-    or labels to bootstrap results) the counts with their intervals.
+    above the noise floor), the counts and their noise floor per evaluated epoch.
     gap_correlation: Pearson r and p of memorized count against the train-test gap.
     transient: model-wise (smaller -> larger, see modelwise_pairs) and epoch-wise (peak -> last)
     sets: count, how many of them pass the per-example test where memorized, mean +- std of
@@ -124,8 +122,6 @@ def paper_summary(runs: Sequence[Run], threshold: float | None = None,
                  "counts_by_epoch": {"epochs": [int(e) for e in run.epochs],
                                      "count": [int(c) for c in stored]},
                  "noise_floor_by_epoch": stats.noise_floor(run, threshold).as_dict()}
-        if stats.for_run(counts, run) is not None:
-            entry["counts_by_epoch"] = stats.for_run(counts, run).as_dict()
         per_run.append(entry)
     correlation = stats.gap_correlation(runs, threshold)
     return {
