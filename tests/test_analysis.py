@@ -446,3 +446,40 @@ def test_table1_and_summary_state_every_count_with_its_noise_floor(fake_run_dir)
     summary = tables.paper_summary([run])
     assert summary["runs"][0]["noise_floor_by_epoch"]["observed"][-1] == row["memorized"]
     assert "Counts and their noise floor" in tables.summary_markdown(summary)
+
+
+def test_canaries_are_left_out_of_every_number_that_excludes_them(fake_run_dir, monkeypatch):
+    """Canaries score 1 (above every real example), one has a NaN score (low count), one the
+    largest standard error: none of that reaches the run's summary numbers, Figure 4,
+    most_memorized, the memorized sets or the --until-se stopping rule."""
+    from jaxmem.config import Config
+    from jaxmem.train.loop import below_target_se
+
+    run = jaxmem.load_run(fake_run_dir("canaries", canaries=8, num_models=64))
+    real, canary = run.real, run.canary_index
+    assert len(canary) == 8 and not real[canary].any()
+    metrics = run.metrics
+    scores, se = run.memorization, run.memorization_se
+    assert metrics["low_count_examples"] == 0 < int(run.low_count.sum())  # K = 64: all real
+    # examples are scored, the last canary is not
+    assert metrics["mean_memorization"] == np.nanmean(scores[real]) < np.nanmean(scores)
+    assert metrics["max_memorization_se"] == np.nanmax(se[real]) < np.nanmax(se)
+    assert metrics["memorized_count"] == len(run.memorized(0.25))
+    assert not set(run.memorized(0.25, fdr=0.05)) & set(canary)
+    top = run.most_memorized(10)
+    assert not set(top) & set(canary)
+    np.testing.assert_array_equal(top, np.argsort(-np.where(real, np.nan_to_num(
+        scores, nan=-np.inf), -np.inf), kind="stable")[:10])
+    plotted = []
+    monkeypatch.setattr(figures, "score_histograms",
+                        lambda values, *args, **kwargs: plotted.extend(values.values()))
+    figures.run_score_histograms(run)
+    figures.epoch_score_histograms(run)
+    assert len(plotted) == 4 and all(np.isnan(v[canary]).all() for v in plotted)
+    # --until-se: the canary with the largest standard error does not hold training back
+    target = (np.nanmax(se[real]) + np.nanmax(se)) / 2
+    wave = {"masks": np.asarray(run.masks), "correct_train": run.correct_by_epoch("train"),
+            "train_loss": run.train_loss}
+    config = Config(until_se=target)
+    assert below_target_se([wave], config, canary)
+    assert not below_target_se([wave], config)
