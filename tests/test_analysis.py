@@ -483,3 +483,26 @@ def test_canaries_are_left_out_of_every_number_that_excludes_them(fake_run_dir, 
     config = Config(until_se=target)
     assert below_target_se([wave], config, canary)
     assert not below_target_se([wave], config)
+
+
+def test_threshold_pvalues_stored_and_recomputed(fake_run_dir):
+    """The stored p-values (the run's threshold) equal the test recomputed from masks and
+    correctness, which is what another threshold, or a run written before they were stored,
+    gets; the set at FDR is Benjamini-Hochberg over them and lies within the memorized set."""
+    import dataclasses
+
+    run = jaxmem.load_run(fake_run_dir("pvalues", num_models=24))
+    in_count, out_count = run.masks.sum(0), (~run.masks).sum(0)
+    correct = run.correct_by_epoch("train")[1]
+    for threshold in (0.25, 0.4):
+        expected = significance.margin_pvalues((run.masks & correct).sum(0),
+                                               (~run.masks & correct).sum(0), in_count,
+                                               out_count, threshold)
+        np.testing.assert_array_equal(run.threshold_pvalues(threshold, epoch=4), expected)
+        chosen = run.memorized(threshold, fdr=0.05)  # last epoch: memorized 1.0 vs 0.1
+        assert 0 < len(chosen) < len(run.memorized(threshold))
+        assert set(chosen) <= set(run.memorized(threshold))
+    old = dataclasses.replace(run, threshold_pvalue_by_epoch=np.full_like(
+        run.threshold_pvalue_by_epoch, np.nan))
+    np.testing.assert_array_equal(old.threshold_pvalues(), run.threshold_pvalue_by_epoch[-1])
+    assert run.metrics["memorized_fdr_count"] == len(run.memorized(0.25, fdr=0.05))
