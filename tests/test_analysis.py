@@ -379,8 +379,8 @@ def test_no_bootstrap_interval_covers_the_memorized_count():
     count +- 1.96 bootstrap SD in 1.5%; the percentile band covers a repeat run's count in 89%.
     The normal interval covers the count's expected value in 96.5% and a repeat run's count
     (sqrt(2) wider) in 95.5% here, but the expected value in 92.5% and 91.5% at K = 128 and
-    512 with N = 1,000
-    (BENCHMARKS.md), and it says nothing about the examples truly memorized."""
+    512 with N = 1,000 (BENCHMARKS.md), and it says nothing about the examples truly
+    memorized."""
     result = load_script("experiments", "count_intervals.py").coverage(128, 600, 200, 30, 0)
     assert result["true"] == 105 and abs(result["expected"] - 88.1) < 0.05
     assert abs(result["count_mean"] - result["expected"]) < 1.0  # the exact target is right
