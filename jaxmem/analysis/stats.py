@@ -34,7 +34,7 @@ def run_threshold(run: Run, threshold: float | None = None) -> float:
 
 
 def run_fdr(run: Run) -> float:
-    """The run's false discovery rate for its per-example tests (0.05 by default)."""
+    """The run's false discovery rate for its memorized set (0.05 by default)."""
     return float(run.config.get("fdr", significance.DEFAULT_Q))
 
 

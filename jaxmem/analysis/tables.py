@@ -39,8 +39,8 @@ def table1_rows(runs: Sequence[Run], threshold: float | None = None) -> list[dic
     num_models, train_acc and test_acc (means over models, last evaluated epoch; train accuracy
     is on each model's own subset), gap, memorized (count above threshold), noise_mean and
     noise_p95 (the count with membership shuffled across models: what noise alone gives),
-    memorized_fdr (the examples that also pass the per-example exact test at the run's false
-    discovery rate)."""
+    memorized_fdr (the examples whose score exceeds the threshold at the run's false discovery
+    rate)."""
     rows = []
     for run in sorted_runs(runs):
         train_acc = float(np.mean(run.train_acc[-1]))
@@ -110,8 +110,8 @@ def paper_summary(runs: Sequence[Run], threshold: float | None = None) -> dict:
     above the noise floor), the counts and their noise floor per evaluated epoch.
     gap_correlation: Pearson r and p of memorized count against the train-test gap.
     transient: model-wise (smaller -> larger, see modelwise_pairs) and epoch-wise (peak -> last)
-    sets: count, how many of them pass the per-example test where memorized, mean +- std of
-    scores.
+    sets: count, how many of them score above the threshold at the false discovery rate where
+    memorized, mean +- std of scores.
     """
     runs = sorted_runs(runs)
     per_run = []
@@ -177,7 +177,7 @@ def summary_markdown(summary: dict) -> str:
 
 
 def _transient_table(records: list[dict], with_run: bool = False) -> str:
-    headers = (["Run"] if with_run else []) + ["From", "To", "Count", "Beyond noise at From",
+    headers = (["Run"] if with_run else []) + ["From", "To", "Count", "At FDR at From",
                                                 "Score from", "Score to"]
     rows = [([r["run"]] if with_run else []) + [
         r["source"], r["target"], r["count"], _fmt(r["tested"], "d"),

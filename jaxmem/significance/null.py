@@ -134,8 +134,8 @@ def _check_permutations(perms, num_models: int) -> np.ndarray:
 # ------------------------------------------------------------- bit-packed permutation counts
 #
 # in_correct[r, e, i] = sum_k masks[perm[r, k], i] correct[e, k, i] differs per example in both
-# factors, so it is no product with a shared operand (unlike the bootstrap's [R, K] model
-# multiplicities, jaxmem.analysis.stats.resampled_counts): as float32 matrices it is one small
+# factors, so it is no product with a shared operand (unlike a bootstrap's [R, K] model
+# multiplicities, experiments/count_intervals.py): as float32 matrices it is one small
 # [R, K] @ [K, E] product per example, which numpy runs ~40x below BLAS speed. Instead the model
 # axis is bit-packed, 64 models a word, and each count is the popcount of (permuted masks AND
 # correctness) summed over the W = ceil(K / 64) words: R*E*N*W word operations, the correctness
@@ -299,8 +299,8 @@ def permutation_null(masks, correct, threshold: float = estimator.DEFAULT_THRESH
     Cost: R*E*N*ceil(K/64) 64-bit word operations plus R re-packings of the masks, on up to
     MAX_WORKERS threads; memory E*K*N/8 bytes for the packed correctness plus bounded blocks.
     Measured at K = 2,000, N = 50,000, E = 20, R = 100 on a 2-CPU machine: 66 s, where the
-    R*E estimator passes would take ~2,150 s (and the bootstrap's resampled_counts of the same
-    R takes 104 s).
+    R*E estimator passes would take ~2,150 s (and a bootstrap over models of the same R, as
+    products of multiplicities, 104 s).
     """
     masks = check_masks(masks)
     correct, single = estimator.as_epochs(correct, masks.shape)
