@@ -71,6 +71,7 @@ def test_existing_output_is_not_overwritten_without_flag(tmp_path, user_npz, cap
     (["--num-models=0"], "--num-models must be >= 1"),
     (["--dataset=/nonexistent/arrays.npz"], "does not exist"),
     (["--conv-impl=fft"], "unknown --conv-impl 'fft'"),
+    (["--threshold=1"], "--threshold must be in (-1, 1)"),
 ])
 def test_bad_input_is_one_line_error(flags, message, tmp_path, capsys):
     assert main(TINY + flags + [f"--out={tmp_path / 'run'}"]) == 2
