@@ -83,9 +83,7 @@ def summary(out: str, metrics: dict) -> str:
           if metrics.get("num_canaries") else []),
         *([f"diverged and excluded: models {metrics['diverged_models']}"]
           if metrics["diverged_models"] else []),
-        f"accuracy: train (own subset) {metrics['train_acc']:.3f}, held-out "
-        f"{metrics['heldout_acc']:.3f}, test {metrics['test_acc']:.3f} (mean over "
-        f"{metrics['num_models']} models)",
+        accuracy_line(metrics),
         f"time: {metrics['wall_time_s']:.1f} s on {metrics['num_devices']} device(s), "
         f"{metrics['train_model_examples_per_s']:.0f} model-examples/s training, "
         f"{metrics['eval_model_examples_per_s']:.0f} evaluating, "
@@ -96,15 +94,30 @@ def summary(out: str, metrics: dict) -> str:
     ])
 
 
+def accuracy_line(metrics: dict) -> str:
+    if not metrics.get("num_included_models", metrics["num_models"]):
+        return (f"accuracy: none: every one of the {metrics['num_models']} models diverged and "
+                "was excluded, so there are no scores")
+    return (f"accuracy: train (own subset) {metrics['train_acc']:.3f}, held-out "
+            f"{metrics['heldout_acc']:.3f}, test {metrics['test_acc']:.3f} (mean over "
+            f"{metrics['num_included_models']} included models)")
+
+
 def noise_line(metrics: dict) -> str:
-    """The memorized count's noise floor and the per-example tests, in one line."""
+    """The memorized count's noise floor and the memorized set at the false discovery rate,
+    in one line."""
     null = metrics["noise_floor"]
+    tested = (f"{metrics['memorized_fdr_count']} examples have a score above "
+              f"{metrics['threshold']} at false discovery rate {metrics['fdr']:g} (at most "
+              f"{100 * metrics['fdr']:g}% of them are expected to score {metrics['threshold']} "
+              "or less in truth)")
+    if not null["num_permutations"]:
+        return f"noise floor: none (fewer than 2 included models to shuffle); {tested}"
     observed, mean, p95 = null["observed"][-1], null["mean"][-1], null["p95"][-1]
     verdict = "above" if observed > p95 else "NOT above"
     return (f"noise floor: membership shuffled across models {null['num_permutations']} times "
             f"gives {mean:.1f} on average (95th percentile {p95:.0f}), so the count is "
-            f"{verdict} noise; {metrics['memorized_fdr_count']} examples pass the per-example "
-            f"exact test at false discovery rate {metrics['fdr']:g}")
+            f"{verdict} noise; {tested}")
 
 
 def main(argv: list[str] | None = None) -> int:

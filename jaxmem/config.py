@@ -109,6 +109,8 @@ class Config:
             raise UserError(f"--null-permutations must be >= 1, got {self.null_permutations}")
         if not 0.0 < self.fdr < 1.0:
             raise UserError(f"--fdr must be in (0, 1), got {self.fdr}")
+        if not -1.0 < self.threshold < 1.0:  # a score is in [-1, 1]; the test needs a margin
+            raise UserError(f"--threshold must be in (-1, 1), got {self.threshold}")
         if not 0.0 < self.fit_threshold <= 1.0:
             raise UserError(f"--fit-threshold must be in (0, 1], got {self.fit_threshold}")
         if self.until_se is not None and self.until_se <= 0:

@@ -41,8 +41,8 @@ def from_counts(in_correct, out_correct, in_count, out_count,
     The standard error is that of a difference of two independent Bernoulli means, each with
     the unbiased variance: sqrt(p_in(1-p_in)/(n_in-1) + p_out(1-p_out)/(n_out-1)). It is 0 when
     every in-model and every held-out model agree (p_in and p_out each 0 or 1): a plug-in
-    estimate, not a confidence statement; for that, use the per-example exact test
-    (`jaxmem.significance`), which accounts for how few models a small ensemble has.
+    estimate, not a confidence statement; for that, use the per-example test of H0: score <=
+    threshold (`jaxmem.significance.margin_pvalues`), whose variance comes from the null.
     """
     in_count = np.asarray(in_count, np.float64)
     out_count = np.asarray(out_count, np.float64)

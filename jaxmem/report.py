@@ -1,8 +1,8 @@
 """One self-contained HTML page about one or more run directories.
 
-    python -m jaxmem.report RUN_DIR [RUN_DIR ...] [--out FILE] [--threshold 0.25] [--bootstrap 100]
+    python -m jaxmem.report RUN_DIR [RUN_DIR ...] [--out FILE] [--threshold 0.25]
 
-Holds Table 1, the paper's figures (size, training time with bootstrap bands and stages, gap
+Holds Table 1, the paper's figures (size, training time with noise floors and stages, gap
 with Pearson r, score distributions), transient memorization, and per run the most memorized
 images and the high-influence train/test pairs. Figures are embedded as base64 PNG, so the file
 can be mailed or archived alone. Prints the page's path. Bad input: one line on stderr, exit 2.
@@ -26,7 +26,6 @@ from jaxmem.analysis import figures, gallery, influence, stats, tables, transien
 from jaxmem.errors import UserError
 from jaxmem.rundir import Run, load_run
 
-DEFAULT_RESAMPLES = 100
 PAIRS_LISTED = 20
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -61,15 +60,13 @@ def default_output(run_dirs: Sequence[str]) -> str:
 
 
 def build_report(run_dirs: Sequence[str], out: str | None = None, threshold: float | None = None,
-                 num_resamples: int = DEFAULT_RESAMPLES, galleries: bool = True) -> str:
+                 galleries: bool = True) -> str:
     """Write the HTML report of the runs to `out` (see default_output); returns its path."""
     runs = tables.sorted_runs(read_runs(run_dirs))
     out = os.path.abspath(out or default_output(run_dirs))
-    counts = {run.path: stats.memorized_counts(run, threshold, num_resamples) for run in runs}
-    summary = tables.paper_summary(runs, threshold, counts)
-    parts = [_header(runs, summary), _overview(runs, threshold, counts, summary)]
-    parts += [_run_section(run, threshold, counts[run.path], galleries)
-              for run in runs]
+    summary = tables.paper_summary(runs, threshold)
+    parts = [_header(runs, summary), _overview(runs, threshold, summary)]
+    parts += [_run_section(run, threshold, galleries) for run in runs]
     parts.append(_details(summary))
     page = ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
             f"<title>jaxmem report</title><style>{STYLE}</style></head><body>\n"
@@ -106,7 +103,7 @@ def _header(runs: list[Run], summary: dict) -> str:
             f"{_fmt(summary['threshold'], 'g')}, written {when}.</p><ul>{items}</ul>")
 
 
-def _overview(runs: list[Run], threshold, counts, summary: dict) -> str:
+def _overview(runs: list[Run], threshold, summary: dict) -> str:
     rows = [[r["label"], tables.format_params(r["num_params"]), r["num_models"],
              f"{100 * r['train_acc']:.1f}", f"{100 * r['test_acc']:.1f}",
              f"{100 * r['gap']:.1f}", r["memorized"], tables.noise_cell(r),
@@ -116,8 +113,10 @@ def _overview(runs: list[Run], threshold, counts, summary: dict) -> str:
              "<p class='note'>Accuracies are means over models at the last evaluated epoch, "
              "in percent; train accuracy is on each model's own subset. Noise: the memorized "
              "count with membership shuffled across models (what noise alone gives); at FDR: "
-             "memorized examples that also pass the per-example exact test at the run's "
-             "false discovery rate.</p>"]
+             "the examples whose score exceeds the threshold at the run's false discovery rate "
+             "(Benjamini-Hochberg over each example's test of score &le; threshold: at most "
+             "that share of them are expected to score at or below the threshold in truth)."
+             "</p>"]
     if len(runs) >= 2:
         corr = summary["gap_correlation"]
         parts += ["<h2>Figure 1: memorization vs model size</h2>",
@@ -127,9 +126,11 @@ def _overview(runs: list[Run], threshold, counts, summary: dict) -> str:
                   f"p = {_fmt(corr['p_value'], '.3g')} over {corr['num_runs']} runs.</p>",
                   _img(figures.memorization_vs_gap(runs, threshold), "memorization vs gap")]
     parts += ["<h2>Figure 2: memorization during training</h2>",
-              _img(figures.memorization_curve(runs, threshold, counts), "memorization curve"),
-              "<p class='note'>Bands: bootstrap intervals over models; dotted: onset; "
-              "dashed: peak.</p>",
+              _img(figures.memorization_curve(runs, threshold), "memorization curve"),
+              "<p class='note'>Hatched: the noise floor (up to the 95th percentile of the count "
+              "with membership shuffled; its mean dotted); vertical dotted: onset; dashed: "
+              "peak. The count has no interval: none whose coverage was measured reached its "
+              "nominal rate.</p>",
               "<h2>Figure 4: score distributions across runs</h2>",
               _img(figures.run_score_histograms(runs, threshold=threshold), "scores by run")]
     modelwise = summary["transient"]["modelwise"]
@@ -146,23 +147,22 @@ def _transient_row(record: dict) -> list[str]:
             f"{_fmt(record['target_mean'])} ± {_fmt(record['target_std'])}"]
 
 
-def _run_section(run: Run, threshold, counts: stats.MemorizedCounts, galleries: bool) -> str:
+def _run_section(run: Run, threshold, galleries: bool) -> str:
     label = stats.run_label(run)
     null = stats.noise_floor(run, threshold)
-    stages = stats.memorization_stages(counts.epochs, counts.count, floor=null.p95)
+    counts = stats.stored_counts(run, threshold)
+    stages = stats.memorization_stages(run.epochs, counts, floor=null.p95)
     metrics = run.metrics
-    above = "above" if counts.count[-1] > null.p95[-1] else "NOT above"
-    tested = run.memorized(stats.run_threshold(run, threshold), fdr=stats.run_fdr(run))
-    facts = [["memorized (last epoch)", int(counts.count[-1])],
+    above = "above" if counts[-1] > null.p95[-1] else "NOT above"
+    cut = stats.run_threshold(run, threshold)
+    tested = run.memorized(cut, fdr=stats.run_fdr(run))
+    facts = [["memorized (last epoch)", int(counts[-1])],
              ["noise floor (shuffled membership)",
               f"mean {null.mean[-1]:.1f}, 95th percentile {null.p95[-1]:.0f} "
               f"({null.num_permutations} permutations): the count is {above} noise"],
-             ["memorized at FDR", f"{len(tested)} also pass the exact test at false discovery "
-                                  f"rate {stats.run_fdr(run):g}"],
-             ["bootstrap interval", f"{_fmt(counts.ci_low[-1], '.0f')} – "
-                                    f"{_fmt(counts.ci_high[-1], '.0f')} "
-                                    f"({100 * counts.confidence:.0f}%, "
-                                    f"{len(counts.samples)} resamples)"],
+             ["memorized at FDR", f"{len(tested)} examples score above {cut:g} at false "
+                                  f"discovery rate {stats.run_fdr(run):g} (at most that share "
+                                  f"of them expected to score {cut:g} or less in truth)"],
              ["onset / peak / final epoch",
               f"{stages['onset_epoch']} / {stages['peak_epoch']} / {stages['final_epoch']}"],
              ["peak / final count above noise",
@@ -172,8 +172,7 @@ def _run_section(run: Run, threshold, counts: stats.MemorizedCounts, galleries: 
              *(f"<p class='warning'>Warning: {html.escape(w)}</p>"
                for w in metrics.get("warnings", [])),
              _table(["", ""], facts),
-             _img(figures.memorization_curve(run, threshold, {run.path: counts}),
-                  f"memorization curve {label}"),
+             _img(figures.memorization_curve(run, threshold), f"memorization curve {label}"),
              _img(figures.epoch_score_histograms(run, threshold=threshold),
                   f"scores by epoch {label}")]
     epochwise = transient.epochwise(run, threshold, stages["peak_epoch"])
@@ -195,20 +194,25 @@ def _run_section(run: Run, threshold, counts: stats.MemorizedCounts, galleries: 
 
 
 def _pairs_section(run: Run, threshold, pairs: influence.InfluencePairs) -> str:
-    """High-influence pairs with their noise floor and, per pair, the exact test's p-value."""
+    """High-influence pairs with their noise floor and, per pair, its test and whether it
+    passes Benjamini-Hochberg over the family."""
     parts = []
     pairs_null = influence.run_pairs_noise_floor(run, memorization_threshold=threshold)
-    parts.append(f"<h3>High-influence pairs</h3><p>{len(pairs)} pairs with influence > "
-                 f"{influence.DEFAULT_INFLUENCE_THRESHOLD} and memorization > "
-                 f"{stats.run_threshold(run, threshold):g}; shuffled membership gives "
-                 f"{pairs_null.mean:.1f} on average (95th percentile {pairs_null.p95:.0f}, "
-                 f"{pairs_null.num_permutations} permutations). The p-value column is each "
-                 "pair's one-sided exact test.</p>")
+    cut = influence.DEFAULT_INFLUENCE_THRESHOLD
+    parts.append(f"<h3>High-influence pairs</h3><p>{len(pairs)} pairs with influence > {cut} "
+                 f"and memorization > {stats.run_threshold(run, threshold):g}; shuffled "
+                 f"membership gives {pairs_null.mean:.1f} on average (95th percentile "
+                 f"{pairs_null.p95:.0f}, {pairs_null.num_permutations} permutations). "
+                 f"{int(pairs.passes.sum())} of them have influence above {cut} at false "
+                 f"discovery rate {pairs.fdr:g} (Benjamini-Hochberg over all "
+                 f"{pairs.num_tests} memorized x test pairs; the p-value column is each "
+                 f"pair's test of influence &le; {cut}).</p>")
     if len(pairs):
         parts.append(_table(["train index", "test index", "influence", "memorization",
-                             "p-value"],
+                             "p-value", "passes"],
                             [[r["train_index"], r["test_index"], _fmt(r["influence"]),
-                              _fmt(r["memorization"]), _fmt(r["pvalue"], ".2g")]
+                              _fmt(r["memorization"]), _fmt(r["pvalue"], ".2g"),
+                              "yes" if r["passes"] else "no"]
                              for r in pairs.as_records(PAIRS_LISTED)]))
     return "\n".join(parts)
 
@@ -227,16 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "./report.html for several)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="memorization threshold (default: each run's, 0.25)")
-    parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES,
-                        help="bootstrap resamples over models for count intervals (0 = none)")
     parser.add_argument("--no-galleries", action="store_true",
                         help="skip the image galleries (no dataset needed)")
     args = parser.parse_args(argv)
     try:
-        if args.bootstrap < 0:
-            raise UserError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-        path = build_report(args.run_dirs, args.out, args.threshold, args.bootstrap,
-                            not args.no_galleries)
+        path = build_report(args.run_dirs, args.out, args.threshold, not args.no_galleries)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -37,7 +37,8 @@ def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits"
                    epochs: tuple[int, ...] = (2, 4, 6), num_params: int = 10_000,
                    seed: int = 0, config_seed: int = 0, threshold: float = 0.25,
                    min_count: int = 5, subset_ratio: float = 0.7, strength: float = 1.0,
-                   influence_pairs: int = 3, diverged: tuple[int, ...] = ()) -> str:
+                   influence_pairs: int = 3, diverged: tuple[int, ...] = (),
+                   canaries: int = 0) -> str:
     """Write a run directory with random masks and correctness (drawn from `seed`; the config
     records `config_seed`, which names the run) that has structure:
 
@@ -47,8 +48,11 @@ def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits"
     `strength` scales the in-model advantage (a larger "model" memorizes more). The first
     `influence_pairs` memorized examples (with enough in- and held-out models) make one test
     example each correct exactly when they are in the subset (planted high-influence pairs).
-    Models `diverged` get a NaN loss, so the run excludes them. Written by the project's own
-    run writer, exactly as a trained run.
+    Models `diverged` get a NaN loss, so the run excludes them. `canaries` (>= 2) examples,
+    evenly spread, are recorded as canaries: each is correct exactly when in the subset
+    (score 1, above every real example), except that the last is held out by only 2 models
+    (a NaN score, low count) and the one before is right half the time either way (the
+    largest standard error). Written by the project's own run writer, exactly as a trained run.
     """
     rng = np.random.default_rng(seed)
     if dataset == "digits" and num_train is None:
@@ -85,6 +89,11 @@ def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits"
         correct_test[:, :, j] = masks[None, :, i]
         correct[:, :, i] = masks[None, :, i]
 
+    canary_index = np.linspace(0, num_train - 1, canaries).round().astype(np.int64)
+    if canaries:
+        masks[:, canary_index[-1]] = np.arange(num_models) >= 2
+        correct[:, :, canary_index] = masks[None][:, :, canary_index]
+        correct[:, :, canary_index[-2]] = (np.arange(num_models) % 2 == 0)[None]
     correct[:, list(diverged)] = False  # a NaN model predicts class 0 for every input
     correct_test[:, list(diverged)] = False
     train_loss = np.tile(np.linspace(2.0, 0.1, max(epochs))[:, None], (1, num_models))
@@ -95,7 +104,8 @@ def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits"
                       eval_every=epochs[0], seed=config_seed, threshold=threshold,
                       min_count=min_count, subset_ratio=subset_ratio, drop_diverged=True).to_dict()
     info = DataInfo(dataset, num_classes, (8, 8, 1), np.asarray(labels, np.int32),
-                    np.asarray(test_labels, np.int32), np.arange(num_train), {})
+                    np.asarray(test_labels, np.int32), np.arange(num_train), {},
+                    canary_index, np.asarray(labels, np.int64)[canary_index])
     write_run(path, settings, info, result, 1.0,
               {"num_params": num_params, "versions": {"jaxmem": "fake"}})
     return path

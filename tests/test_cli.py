@@ -71,6 +71,7 @@ def test_existing_output_is_not_overwritten_without_flag(tmp_path, user_npz, cap
     (["--num-models=0"], "--num-models must be >= 1"),
     (["--dataset=/nonexistent/arrays.npz"], "does not exist"),
     (["--conv-impl=fft"], "unknown --conv-impl 'fft'"),
+    (["--threshold=1"], "--threshold must be in (-1, 1)"),
 ])
 def test_bad_input_is_one_line_error(flags, message, tmp_path, capsys):
     assert main(TINY + flags + [f"--out={tmp_path / 'run'}"]) == 2
@@ -124,3 +125,25 @@ def test_list_archs_prints_every_arch_with_counts(capsys):
     assert main(["--list-archs"]) == 0
     printed = capsys.readouterr().out
     assert "small_vgg" in printed and "487,882" in printed and "vit_small" in printed
+
+
+@pytest.mark.parametrize("included", [0, 1])
+def test_summary_of_a_run_with_fewer_than_two_included_models(fake_run_dir, included):
+    """Every model (or all but one) diverged under --drop-diverged: the run directory holds no
+    scores and a noise floor of no permutations (no samples, no mean), and the summary says so
+    instead of failing."""
+    from jaxmem.cli import summary
+
+    path = fake_run_dir("dropped", num_models=6, num_train=40, num_test=10, dataset="synthetic",
+                        diverged=tuple(range(6 - included)))
+    run = load_run(path)
+    null = run.metrics["noise_floor"]
+    assert null["num_permutations"] == 0 and run.extra["null_samples_by_epoch"].shape == (0, 3)
+    assert null["mean"] == [None, None, None] and null["p95"] == [None, None, None]
+    text = summary(path, run.metrics)
+    assert "noise floor: none (fewer than 2 included models to shuffle)" in text
+    assert "memorized: 0 examples" in text
+    if included:
+        assert "(mean over 1 included models)" in text
+    else:
+        assert "every one of the 6 models diverged and was excluded" in text

@@ -27,7 +27,7 @@ def test_report_embeds_every_figure_for_several_runs(fake_run_dir, tmp_path):
     small = fake_run_dir("small", arch="small_vgg", num_params=490_000, seed=1, strength=0.7)
     large = fake_run_dir("large", arch="med_vgg", num_params=970_000, seed=2)
     out = str(tmp_path / "out" / "report.html")
-    assert report.build_report([large, small], out, num_resamples=10) == out
+    assert report.build_report([large, small], out) == out
     with open(out, encoding="utf-8") as f:
         page = f.read()
     images = embedded_pngs(page)
@@ -42,7 +42,7 @@ def test_report_embeds_every_figure_for_several_runs(fake_run_dir, tmp_path):
 
 def test_report_cli_single_run_default_output(fake_run_dir, capsys):
     run = fake_run_dir("one")
-    assert report.main([run, "--bootstrap", "5", "--no-galleries"]) == 0
+    assert report.main([run, "--no-galleries"]) == 0
     path = capsys.readouterr().out.strip()
     assert path == os.path.join(run, "report.html") and os.path.exists(path)
     with open(path, encoding="utf-8") as f:
@@ -53,14 +53,14 @@ def test_report_cli_single_run_default_output(fake_run_dir, capsys):
 
 def test_report_without_the_dataset_notes_it(fake_run_dir, tmp_path):
     run = fake_run_dir("odd", dataset="synthetic", num_train=100, num_test=40)
-    out = report.build_report([run], str(tmp_path / "r.html"), num_resamples=0)
+    out = report.build_report([run], str(tmp_path / "r.html"))
     with open(out, encoding="utf-8") as f:
         assert "No images:" in f.read()
 
 
 def test_report_of_a_run_without_finite_scores(fake_run_dir, tmp_path):
     run = fake_run_dir("few", num_models=4)  # fewer than min_count held-out models: all NaN
-    out = report.build_report([run], str(tmp_path / "few.html"), num_resamples=5)
+    out = report.build_report([run], str(tmp_path / "few.html"))
     with open(out, encoding="utf-8") as f:
         page = f.read()
     assert "no finite scores" in page and "<td>memorized (last epoch)</td><td>0</td>" in page

@@ -1,7 +1,7 @@
 """The paper's figures from run directories (matplotlib, Agg rendering, no pyplot state).
 
 Figure 1: memorized count vs parameter count, one line per model family (per dataset panel).
-Figure 2: memorized count vs training epoch with a bootstrap band and the three stages.
+Figure 2: memorized count vs training epoch with its noise floor and the three stages.
 Figure 3: memorized count vs train-test gap over runs, with Pearson r and p.
 Figure 4: score distributions across runs or across epochs.
 
@@ -50,16 +50,13 @@ def _as_list(runs: Run | Sequence[Run]) -> list[Run]:
 
 
 def memorization_curve(runs: Run | Sequence[Run], threshold: float | None = None,
-                       counts: Mapping[str, stats.MemorizedCounts] | None = None,
-                       num_resamples: int = 0, onset_fraction: float = stats.DEFAULT_ONSET_FRACTION,
+                       onset_fraction: float = stats.DEFAULT_ONSET_FRACTION,
                        path: str | None = None) -> Figure:
     """Figure 2: memorized count per evaluated epoch, one line per run.
 
-    counts maps run paths or labels to `stats.memorized_counts` results (a band shows their
-    interval); without them, num_resamples > 0 computes the bootstrap here, 0 plots the stored
-    counts.
     The hatched band is the noise floor: up to the 95th percentile of the count with membership
-    shuffled across models (its mean dotted); stages are located on the counts above it.
+    shuffled across models (its mean dotted); stages are located on the counts above it. The
+    count itself carries no interval (see jaxmem.analysis.stats).
     Onset (dotted) and peak (dashed) epochs are marked; a single run also gets its stages
     shaded (grey: no memorization above noise, orange: rise, blue: decline).
     """
@@ -68,15 +65,9 @@ def memorization_curve(runs: Run | Sequence[Run], threshold: float | None = None
     ax = fig.add_subplot()
     for run in runs:
         label = stats.run_label(run)
-        result = stats.for_run(counts, run)
-        if result is None and num_resamples > 0:
-            result = stats.memorized_counts(run, threshold, num_resamples)
         epochs = np.asarray(run.epochs)
-        values = result.count if result is not None else stats.stored_counts(run, threshold)
+        values = stats.stored_counts(run, threshold)
         (line,) = ax.plot(epochs, values, marker="o", markersize=3, label=label)
-        if result is not None and np.isfinite(result.ci_low).all():
-            ax.fill_between(epochs, result.ci_low, result.ci_high, color=line.get_color(),
-                            alpha=0.15, linewidth=0)
         null = stats.noise_floor(run, threshold)
         ax.fill_between(epochs, 0, null.p95, color=line.get_color(), alpha=0.08, linewidth=0,
                         hatch="///")
@@ -185,21 +176,22 @@ def score_histograms(scores: Mapping[str, np.ndarray], bins: int = 40,
 
 def run_score_histograms(runs: Run | Sequence[Run], bins: int = 40,
                          threshold: float | None = None, path: str | None = None) -> Figure:
-    """Figure 4, across runs: each run's scores at its last evaluated epoch."""
+    """Figure 4, across runs: each run's scores of its real examples (no canaries) at its
+    last evaluated epoch."""
     runs = _as_list(runs)
-    return score_histograms({stats.run_label(r): r.memorization for r in runs}, bins,
+    return score_histograms({stats.run_label(r): r.counted_scores() for r in runs}, bins,
                             stats.run_threshold(runs[0], threshold), "Scores across runs",
                             path=path)
 
 
 def epoch_score_histograms(run: Run, epochs: Sequence[int] | None = None, bins: int = 40,
                            threshold: float | None = None, path: str | None = None) -> Figure:
-    """Figure 4, across epochs of one run (default: up to 4 evenly spread evaluated epochs,
-    the last included)."""
+    """Figure 4, across epochs of one run, real examples only (default: up to 4 evenly spread
+    evaluated epochs, the last included)."""
     evaluated = [int(e) for e in run.epochs]
     if epochs is None:
         picks = np.unique(np.linspace(0, len(evaluated) - 1, min(4, len(evaluated))).round())
         epochs = [evaluated[int(i)] for i in picks]
-    return score_histograms({f"epoch {e}": run.scores_at(int(e)) for e in epochs}, bins,
+    return score_histograms({f"epoch {e}": run.counted_scores(int(e)) for e in epochs}, bins,
                             stats.run_threshold(run, threshold),
                             f"Scores across epochs ({stats.run_label(run)})", path=path)

@@ -78,25 +78,36 @@ def run_influence(run: Run, rows: np.ndarray | None = None, block_size: int = DE
 @dataclasses.dataclass(frozen=True)
 class InfluencePairs:
     """High-influence pairs, highest influence first: train_index, test_index, influence,
-    memorization (of the training example), pvalue (the pair's one-sided exact test that the
-    test example is right more often when the training example is in the subset; NaN when not
-    computed), all [P]."""
+    memorization (of the training example), pvalue (the pair's p-value of H0: influence <=
+    the influence threshold; NaN when not computed), passes (bool: selected by Benjamini-
+    Hochberg at the false discovery rate `fdr` over the family of `num_tests` pairs; False when
+    not computed), all [P].
+
+    The family is every (memorized training example, test example) pair, not only the P
+    selected on influence: the selection looks at the same data, so correcting among the
+    selected alone would understate how many pairs were looked at. A pair left out of the
+    selection has influence <= the threshold, hence p >= 1/2, and can never pass at q < 1/2,
+    so BH over the selected pairs with m = num_tests equals BH over the whole family.
+    """
 
     train_index: np.ndarray
     test_index: np.ndarray
     influence: np.ndarray
     memorization: np.ndarray
     pvalue: np.ndarray
+    passes: np.ndarray
+    num_tests: int = 0
+    fdr: float | None = None
 
     def __len__(self) -> int:
         return len(self.train_index)
 
     def as_records(self, limit: int | None = None) -> list[dict]:
         return [{"train_index": int(i), "test_index": int(j), "influence": float(v),
-                 "memorization": float(m), "pvalue": float(p)}
-                for i, j, v, m, p in list(zip(self.train_index, self.test_index, self.influence,
-                                              self.memorization, self.pvalue,
-                                              strict=True))[:limit]]
+                 "memorization": float(m), "pvalue": float(p), "passes": bool(a)}
+                for i, j, v, m, p, a in list(zip(self.train_index, self.test_index,
+                                                 self.influence, self.memorization, self.pvalue,
+                                                 self.passes, strict=True))[:limit]]
 
 
 def high_influence_pairs(infl: np.ndarray, memorization: np.ndarray,
@@ -128,22 +139,31 @@ def high_influence_pairs(infl: np.ndarray, memorization: np.ndarray,
     order = np.lexsort((test_index, train_index, -values))
     train_index, test_index, values = train_index[order], test_index[order], values[order]
     return InfluencePairs(train_index.astype(np.int64), test_index.astype(np.int64), values,
-                          memorization[train_index], np.full(len(values), np.nan))
+                          memorization[train_index], np.full(len(values), np.nan),
+                          np.zeros(len(values), bool))
 
 
 def run_high_influence_pairs(run: Run,
                              influence_threshold: float = DEFAULT_INFLUENCE_THRESHOLD,
                              memorization_threshold: float | None = None,
                              block_size: int = DEFAULT_BLOCK) -> InfluencePairs:
-    """High-influence pairs of a run, computing influence only for the memorized examples."""
+    """High-influence pairs of a run, computing influence only for the memorized examples
+    (canaries left out), each with its p-value of H0: influence <= influence_threshold and
+    whether it passes Benjamini-Hochberg at the run's false discovery rate over every
+    (memorized, test) pair (see InfluencePairs)."""
     threshold = stats.run_threshold(run, memorization_threshold)
     memorization = run.counted_scores()
     rows = stats.memorized_set(memorization, threshold)
     infl = run_influence(run, rows, block_size)
     pairs = high_influence_pairs(infl, memorization, influence_threshold, threshold, rows)
     pvalue = significance.pair_pvalues(run.masks, run.correct_test, pairs.train_index,
-                                       pairs.test_index, stats.run_min_count(run))
-    return dataclasses.replace(pairs, pvalue=pvalue)
+                                       pairs.test_index, influence_threshold,
+                                       stats.run_min_count(run))
+    num_tests = len(rows) * run.correct_test.shape[1]
+    fdr = stats.run_fdr(run)
+    passes = significance.benjamini_hochberg(pvalue, fdr, num_tests) if num_tests else \
+        np.zeros(len(pairs), bool)
+    return dataclasses.replace(pairs, pvalue=pvalue, passes=passes, num_tests=num_tests, fdr=fdr)
 
 
 def run_pairs_noise_floor(run: Run, influence_threshold: float = DEFAULT_INFLUENCE_THRESHOLD,

@@ -1,7 +1,12 @@
 """The paper's statistics over run directories: memorized sets and counts per evaluated epoch
-with bootstrap confidence intervals over models, the three stages of memorization during
-training (Figure 2), model families and sizes (Figure 1), and the correlation of memorization
-with the train-test gap (Figure 3).
+next to their noise floor, the three stages of memorization during training (Figure 2), model
+families and sizes (Figure 1), and the correlation of memorization with the train-test gap
+(Figure 3).
+
+The counts carry no interval: a percentile bootstrap over models does not cover (resampling
+duplicates models and pushes more examples over the threshold), and no interval whose coverage
+was measured (experiments/count_intervals.py, numbers in BENCHMARKS.md) reached its nominal
+rate. What noise alone gives is the permutation null (`noise_floor`).
 
 Every count is recomputed from the estimator's inputs (masks and correctness) through
 `jaxmem.estimator`, so a statistic here never disagrees with the stored scores.
@@ -9,7 +14,6 @@ Every count is recomputed from the estimator's inputs (masks and correctness) th
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,12 +23,7 @@ from jaxmem.errors import UserError
 from jaxmem.rundir import Run
 
 FAMILIES = ("vgg", "resnet", "vit")  # anything else is "other"
-DEFAULT_RESAMPLES = 200
-DEFAULT_CONFIDENCE = 0.95
 DEFAULT_ONSET_FRACTION = 0.1
-# Bootstrap counts are float32 matrix products of 0/1 values and multiplicities <= K: exact
-# for K < 2**24. Columns are processed in blocks so that one [K, block] operand stays this small.
-BLOCK_BYTES = 64 * 2**20
 
 
 def run_threshold(run: Run, threshold: float | None = None) -> float:
@@ -35,7 +34,7 @@ def run_threshold(run: Run, threshold: float | None = None) -> float:
 
 
 def run_fdr(run: Run) -> float:
-    """The run's false discovery rate for its per-example tests (0.05 by default)."""
+    """The run's false discovery rate for its memorized set (0.05 by default)."""
     return float(run.config.get("fdr", significance.DEFAULT_Q))
 
 
@@ -58,124 +57,6 @@ def memorized_sets(run: Run, threshold: float | None = None) -> dict[int, np.nda
             for epoch, scores in zip(run.epochs, np.where(run.real, run.memorization_by_epoch,
                                                           np.nan),
                                      strict=True)}
-
-
-def bootstrap_indices(num_models: int, num_resamples: int = DEFAULT_RESAMPLES,
-                      seed: int = 0) -> np.ndarray:
-    """[R, K] int64: R resamples of the K models, with replacement (from seed alone)."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, num_models, size=(num_resamples, num_models))
-
-
-def resampled_counts(masks: np.ndarray, correct, indices: np.ndarray,
-                     threshold: float = estimator.DEFAULT_THRESHOLD,
-                     min_count: int = estimator.DEFAULT_MIN_COUNT) -> np.ndarray:
-    """Memorized counts of every resampled ensemble.
-
-    masks [K, N] bool; correct [K, N] or [E, K, N] bool (or a sequence of E [K, N] arrays, e.g.
-    Run.correct_epochs); indices [R, K] (model k of resample r is model indices[r, k]). Returns [R]
-    or [R, E] int64, equal to `memorized_count(memorization_scores(masks[idx],
-    correct[..., idx, :]))` for each resample, computed as products of model multiplicities
-    [R, K] with the 0/1 matrices, in column blocks, one epoch at a time.
-    """
-    masks = np.asarray(masks, bool)
-    correct, single = estimator.as_epochs(correct)
-    num_models, num_examples = masks.shape
-    indices = np.asarray(indices)
-    weights = np.zeros((len(indices), num_models), np.float32)  # [R, K] multiplicities
-    np.add.at(weights, (np.arange(len(indices))[:, None], indices), 1.0)
-    block = max(1, BLOCK_BYTES // (4 * max(num_models, 1)))
-    blocks = [slice(start, min(start + block, num_examples))
-              for start in range(0, num_examples, block)]
-    in_counts = [_weighted_sum(weights, masks[:, cols]) for cols in blocks]  # [R, n] each
-    counts = np.zeros((len(indices), len(correct)), np.int64)
-    for epoch in range(len(correct)):
-        correct_epoch = np.asarray(correct[epoch], bool)
-        if correct_epoch.shape != masks.shape:
-            raise UserError(f"correctness {correct_epoch.shape} does not match masks "
-                            f"{masks.shape}")
-        for cols, in_count in zip(blocks, in_counts, strict=True):
-            mask_block, correct_block = masks[:, cols], correct_epoch[:, cols]
-            in_correct = _weighted_sum(weights, correct_block & mask_block)
-            out_correct = _weighted_sum(weights, correct_block & ~mask_block)
-            scores = estimator.from_counts(in_correct, out_correct, in_count,
-                                            num_models - in_count, min_count)["memorization"]
-            counts[:, epoch] += estimator.memorized_count(scores, threshold)
-    return counts[:, 0] if single else counts
-
-
-def _weighted_sum(weights: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """weights [R, K] float32 @ matrix [K, n] bool -> [R, n] int64 (exact: small integers)."""
-    return np.rint(weights @ matrix.astype(np.float32)).astype(np.int64)
-
-
-@dataclasses.dataclass(frozen=True)
-class MemorizedCounts:
-    """Memorized counts per evaluated epoch with a percentile bootstrap interval over models.
-
-    epochs [E] (1-based); count [E] (the full ensemble); ci_low, ci_high [E] (NaN without
-    resamples); samples [R, E] (the resampled counts).
-    """
-
-    epochs: np.ndarray
-    count: np.ndarray
-    ci_low: np.ndarray
-    ci_high: np.ndarray
-    samples: np.ndarray
-    threshold: float
-    confidence: float
-
-    def as_dict(self) -> dict:
-        """JSON-ready: lists of plain numbers."""
-        return {"epochs": [int(e) for e in self.epochs], "count": [int(c) for c in self.count],
-                "ci_low": [_float(v) for v in self.ci_low],
-                "ci_high": [_float(v) for v in self.ci_high],
-                "threshold": self.threshold, "confidence": self.confidence,
-                "num_resamples": int(len(self.samples))}
-
-
-def bootstrap_counts(masks: np.ndarray, correct, epochs: Sequence[int] | None = None,
-                     threshold: float = estimator.DEFAULT_THRESHOLD,
-                     min_count: int = estimator.DEFAULT_MIN_COUNT,
-                     num_resamples: int = DEFAULT_RESAMPLES,
-                     confidence: float = DEFAULT_CONFIDENCE, seed: int = 0,
-                     indices: np.ndarray | None = None) -> MemorizedCounts:
-    """Counts above threshold per epoch, and a percentile bootstrap interval that resamples the
-    K models with replacement and recomputes the scores from masks and correctness.
-
-    masks [K, N] bool; correct [E, K, N] (or [K, N]) bool, or a sequence of E [K, N] arrays;
-    indices [R, K] overrides (num_resamples, seed).
-    """
-    if not 0.0 < confidence < 1.0:
-        raise UserError(f"confidence must be in (0, 1), got {confidence}")
-    correct, _ = estimator.as_epochs(correct)
-    masks = np.asarray(masks, bool)
-    epochs = np.arange(1, len(correct) + 1) if epochs is None else np.asarray(epochs)
-    if len(epochs) != len(correct):
-        raise UserError(f"{len(epochs)} epochs given for {len(correct)} correctness arrays")
-    count = np.array([estimator.memorized_count(estimator.memorization_scores(
-        masks, correct[e], min_count)["memorization"], threshold) for e in range(len(correct))],
-        np.int64)
-    if indices is None:
-        indices = bootstrap_indices(masks.shape[0], num_resamples, seed)
-    samples = resampled_counts(masks, correct, indices, threshold, min_count)  # [R, E]
-    if len(samples):
-        tail = 50.0 * (1.0 - confidence)
-        ci_low, ci_high = np.percentile(samples, [tail, 100.0 - tail], axis=0)
-    else:
-        ci_low = ci_high = np.full(len(epochs), np.nan)
-    return MemorizedCounts(epochs, count, ci_low, ci_high, samples, float(threshold),
-                           float(confidence))
-
-
-def memorized_counts(run: Run, threshold: float | None = None,
-                     num_resamples: int = DEFAULT_RESAMPLES,
-                     confidence: float = DEFAULT_CONFIDENCE, seed: int = 0) -> MemorizedCounts:
-    """A run's memorized count at every evaluated epoch with its bootstrap interval."""
-    return bootstrap_counts(np.asarray(run.masks)[:, run.real],
-                            run.correct_epochs("train", real_only=True), run.epochs,
-                            run_threshold(run, threshold), run_min_count(run), num_resamples,
-                            confidence, seed)
 
 
 def stored_counts(run: Run, threshold: float | None = None) -> np.ndarray:
@@ -317,15 +198,3 @@ def run_label(run: Run) -> str:
         return run.path.rstrip("/").rsplit("/", 1)[-1]
     seed = run.config.get("seed", 0)
     return f"{dataset_name(run)}/{arch}" + (f"-s{seed}" if seed else "")
-
-
-def for_run(mapping, run: Run):
-    """mapping[run.path] or mapping[run_label(run)] (None when neither, or no mapping)."""
-    if not mapping:
-        return None
-    return mapping.get(run.path, mapping.get(run_label(run)))
-
-
-def _float(value) -> float | None:
-    value = float(value)
-    return None if np.isnan(value) else value

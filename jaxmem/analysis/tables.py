@@ -39,8 +39,8 @@ def table1_rows(runs: Sequence[Run], threshold: float | None = None) -> list[dic
     num_models, train_acc and test_acc (means over models, last evaluated epoch; train accuracy
     is on each model's own subset), gap, memorized (count above threshold), noise_mean and
     noise_p95 (the count with membership shuffled across models: what noise alone gives),
-    memorized_fdr (the examples that also pass the per-example exact test at the run's false
-    discovery rate)."""
+    memorized_fdr (the examples whose score exceeds the threshold at the run's false discovery
+    rate)."""
     rows = []
     for run in sorted_runs(runs):
         train_acc = float(np.mean(run.train_acc[-1]))
@@ -103,17 +103,15 @@ def modelwise_pairs(runs: Sequence[Run]) -> list[tuple[Run, Run]]:
     return pairs
 
 
-def paper_summary(runs: Sequence[Run], threshold: float | None = None,
-                  counts: dict[str, stats.MemorizedCounts] | None = None) -> dict:
+def paper_summary(runs: Sequence[Run], threshold: float | None = None) -> dict:
     """The numbers behind the paper's claims, JSON-ready.
 
     runs: per run, Table 1's row, the stages of memorization over training (on the counts
-    above the noise floor), the noise floor per evaluated epoch and (if `counts` maps run paths
-    or labels to bootstrap results) the counts with their intervals.
+    above the noise floor), the counts and their noise floor per evaluated epoch.
     gap_correlation: Pearson r and p of memorized count against the train-test gap.
     transient: model-wise (smaller -> larger, see modelwise_pairs) and epoch-wise (peak -> last)
-    sets: count, how many of them pass the per-example test where memorized, mean +- std of
-    scores.
+    sets: count, how many of them score above the threshold at the false discovery rate where
+    memorized, mean +- std of scores.
     """
     runs = sorted_runs(runs)
     per_run = []
@@ -124,8 +122,6 @@ def paper_summary(runs: Sequence[Run], threshold: float | None = None,
                  "counts_by_epoch": {"epochs": [int(e) for e in run.epochs],
                                      "count": [int(c) for c in stored]},
                  "noise_floor_by_epoch": stats.noise_floor(run, threshold).as_dict()}
-        if stats.for_run(counts, run) is not None:
-            entry["counts_by_epoch"] = stats.for_run(counts, run).as_dict()
         per_run.append(entry)
     correlation = stats.gap_correlation(runs, threshold)
     return {
@@ -181,7 +177,7 @@ def summary_markdown(summary: dict) -> str:
 
 
 def _transient_table(records: list[dict], with_run: bool = False) -> str:
-    headers = (["Run"] if with_run else []) + ["From", "To", "Count", "Beyond noise at From",
+    headers = (["Run"] if with_run else []) + ["From", "To", "Count", "At FDR at From",
                                                 "Score from", "Score to"]
     rows = [([r["run"]] if with_run else []) + [
         r["source"], r["target"], r["count"], _fmt(r["tested"], "d"),

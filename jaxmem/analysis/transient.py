@@ -25,8 +25,8 @@ class TransientSet:
     """indices [n]: memorized under `source` (score > threshold) and not under `target`
     (score <= threshold). source_mean/std and target_mean/std: scores of those examples
     (population std, ddof=0; NaN for an empty set). compared: examples finite in both.
-    tested: how many of the set pass the per-example exact test at the source's false
-    discovery rate (memorized beyond noise there; None when not known)."""
+    tested: how many of the set score above the threshold at the source's false discovery
+    rate (`Run.memorized(..., fdr=...)`; None when not known)."""
 
     source: str
     target: str

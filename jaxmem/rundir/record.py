@@ -107,20 +107,20 @@ def write_run(out: str, settings: dict, info: DataInfo, result: EnsembleResult, 
 def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, threshold: float,
                  fdr: float) -> dict:
     """scores.npz contents: the estimator at every evaluated epoch over the included models,
-    each example's one-sided exact p-value and the memorized set at false discovery rate `fdr`
-    (score above threshold and selected by Benjamini-Hochberg among the real examples), plus
-    per-model accuracies (of every model; a loaded Run filters them)."""
+    each example's p-value of H0: score <= threshold (`significance.margin_pvalues`) and the
+    memorized set at false discovery rate `fdr` (`significance.memorized_at_fdr`: Benjamini-
+    Hochberg over the real examples), plus per-model accuracies (of every model; a loaded Run
+    filters them)."""
     keep = ~result.diverged
     masks = result.masks
     in_count, out_count = estimator.membership_counts(masks[keep])
     in_correct, out_correct = estimator.correct_counts(masks[keep],
                                                        result.correct_train[:, keep])
     by_epoch = estimator.from_counts(in_correct, out_correct, in_count, out_count, min_count)
-    pvalues = significance.pvalues_from_counts(in_correct, out_correct, in_count, out_count,
-                                               min_count)
-    real = real_examples(masks.shape[1], info.canary_index)
-    tested = np.where(real, pvalues, np.nan)  # canaries are not among the tested examples
-    fdr_set = significance.fdr_selected(by_epoch["memorization"], tested, threshold, fdr)
+    pvalues = significance.margin_pvalues(in_correct, out_correct, in_count, out_count,
+                                          threshold, min_count)
+    fdr_set = significance.memorized_at_fdr(
+        pvalues, real_examples(masks.shape[1], info.canary_index), fdr)
     own = (result.correct_train & masks).sum(-1) / np.maximum(masks.sum(-1), 1)  # [E, K]
     held = (result.correct_train & ~masks).sum(-1) / np.maximum((~masks).sum(-1), 1)
     return {
@@ -128,8 +128,8 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
         "memorization_se": by_epoch["memorization_se"][-1],
         "memorization_by_epoch": by_epoch["memorization"],
         "memorization_se_by_epoch": by_epoch["memorization_se"],
-        "memorization_pvalue": pvalues[-1],
-        "memorization_pvalue_by_epoch": pvalues,
+        "threshold_pvalue": pvalues[-1],
+        "threshold_pvalue_by_epoch": pvalues,
         "memorized_fdr": fdr_set[-1],
         "memorized_fdr_by_epoch": fdr_set,
         "epochs": np.asarray(result.epochs),
@@ -169,10 +169,9 @@ def noise_floor(result: EnsembleResult, scores: dict, settings: dict
     correctness gives with membership shuffled across the included models (real examples)."""
     keep = ~result.diverged
     real = real_examples(result.masks.shape[1], scores["canary_index"])
-    if keep.sum() < 2:  # nothing to shuffle: no scores at all
-        nothing = np.zeros(len(result.epochs))
-        return significance.NullCounts(np.zeros((1, len(result.epochs)), np.int64),
-                                       nothing.astype(np.int64), nothing, nothing, 0, 0)
+    if keep.sum() < 2:  # nothing to shuffle (and no scores): no samples, no floor
+        return significance.null_counts(np.zeros((0, len(result.epochs)), np.int64),
+                                        np.zeros(len(result.epochs), np.int64), settings["seed"])
     masks, correct = result.masks, result.correct_train  # [E, K, N]: copied only when needed
     if not keep.all():
         masks, correct = masks[keep], correct[:, keep]
@@ -211,11 +210,11 @@ def summary_metrics(result: EnsembleResult, scores: dict, settings: dict, wall: 
     examples_evaluated = num_models * (num_train + result.correct_test.shape[-1]) * len(
         result.epochs)
     keep = ~result.diverged
-    scored = not scores["low_count"].all()
+    real = real_examples(num_train, scores["canary_index"])  # every number below leaves
+    scored = not scores["low_count"][real].all()  # the canaries out
     peaks = [p for p in result.peak_memory_bytes if p is not None]
     threshold = settings["threshold"]
     fit = [float(acc[keep].mean()) if keep.any() else None for acc in scores["train_acc"]]
-    real = real_examples(num_train, scores["canary_index"])
     by_epoch = estimator.memorized_count(scores["memorization_by_epoch"][:, real], threshold)
     recall = canary_recall(scores["memorization_by_epoch"][:, ~real], threshold)
     warnings = [fit_warning(fit[-1], settings["fit_threshold"]),
@@ -234,9 +233,10 @@ def summary_metrics(result: EnsembleResult, scores: dict, settings: dict, wall: 
         "canary_recall": recall[-1] if recall else None,
         "threshold": threshold,
         "min_count": settings["min_count"],
-        "low_count_examples": int(scores["low_count"].sum()),
-        "mean_memorization": float(np.nanmean(scores["memorization"])) if scored else None,
-        "max_memorization_se": float(np.nanmax(scores["memorization_se"])) if scored else None,
+        "low_count_examples": int(scores["low_count"][real].sum()),
+        "mean_memorization": float(np.nanmean(scores["memorization"][real])) if scored else None,
+        "max_memorization_se": (float(np.nanmax(scores["memorization_se"][real])) if scored
+                                else None),
         "train_acc": float(scores["train_acc"][-1][keep].mean()) if keep.any() else None,
         "heldout_acc": float(scores["heldout_acc"][-1][keep].mean()) if keep.any() else None,
         "test_acc": float(scores["test_acc"][-1][keep].mean()) if keep.any() else None,

@@ -20,8 +20,13 @@ import numpy as np
 
 from jaxmem.canaries import real_examples
 from jaxmem.errors import UserError
-from jaxmem.estimator import DEFAULT_THRESHOLD
-from jaxmem.significance import fdr_selected
+from jaxmem.estimator import (
+    DEFAULT_MIN_COUNT,
+    DEFAULT_THRESHOLD,
+    correct_counts,
+    membership_counts,
+)
+from jaxmem.significance import margin_pvalues, memorized_at_fdr
 
 REQUIRED_FILES = ("config.json", "masks.npy", "scores.npz", "metrics.json")
 # scores.npz arrays with one column per model (model axis last): filtered to included models.
@@ -66,8 +71,8 @@ class Run:
     them), its per-example arrays N entries, E = evaluated epochs.
 
     Per example: memorization [N] (last evaluated epoch), memorization_se [N],
-    memorization_by_epoch, memorization_se_by_epoch [E, N], memorization_pvalue_by_epoch [E, N]
-    (one-sided exact test that in-subset accuracy exceeds held-out accuracy), labels [N],
+    memorization_by_epoch, memorization_se_by_epoch [E, N], threshold_pvalue_by_epoch [E, N]
+    (p-value of H0: score <= the run's threshold; NaN in runs written before it), labels [N],
     in_count, out_count, low_count [N], original_index [N]; test_labels [N_test]; epochs [E]
     (1-based).
     Per model: train_acc (own subset), heldout_acc, test_acc [E, K]; train_loss,
@@ -84,7 +89,7 @@ class Run:
     memorization_se: np.ndarray
     memorization_by_epoch: np.ndarray
     memorization_se_by_epoch: np.ndarray
-    memorization_pvalue_by_epoch: np.ndarray
+    threshold_pvalue_by_epoch: np.ndarray
     epochs: np.ndarray
     labels: np.ndarray
     test_labels: np.ndarray
@@ -137,20 +142,35 @@ class Run:
     def memorized(self, threshold: float = DEFAULT_THRESHOLD, epoch: int | None = None,
                   fdr: float | None = None) -> np.ndarray:
         """Indices of the real examples (no canaries) whose score is above threshold (last
-        evaluated epoch by default). fdr: keep only those the Benjamini-Hochberg procedure
-        selects at this false discovery rate among the real examples' exact-test p-values, a
-        set in which at most a share `fdr` are expected to be false discoveries."""
-        scores = self.counted_scores(epoch)
+        evaluated epoch by default). fdr: instead, the examples whose score exceeds threshold at
+        this false discovery rate: the Benjamini-Hochberg procedure over the real examples'
+        p-values of H0: score <= threshold (`threshold_pvalues`), a set in which at most a share
+        `fdr` are expected to have a true score at or below the threshold."""
         if fdr is None:
+            scores = self.counted_scores(epoch)
             return np.flatnonzero(np.nan_to_num(scores, nan=-np.inf) > threshold)
-        pvalues = self.memorization_pvalue_by_epoch[self.epoch_position(epoch)]
-        return np.flatnonzero(fdr_selected(scores, np.where(self.real, pvalues, np.nan),
-                                           threshold, fdr))
+        return np.flatnonzero(memorized_at_fdr(self.threshold_pvalues(threshold, epoch),
+                                               self.real, fdr))
+
+    def threshold_pvalues(self, threshold: float = DEFAULT_THRESHOLD,
+                          epoch: int | None = None) -> np.ndarray:
+        """[N] p-values of H0: score <= threshold at an evaluated epoch (None = the last): the
+        stored ones for the run's own threshold, else computed from masks and correctness."""
+        position = self.epoch_position(epoch)
+        stored = self.threshold_pvalue_by_epoch[position]
+        if threshold == self.config.get("threshold", DEFAULT_THRESHOLD) and \
+                not np.isnan(stored).all():
+            return stored
+        in_count, out_count = membership_counts(self.masks)
+        in_correct, out_correct = correct_counts(self.masks, self.correct_epochs()[position])
+        return margin_pvalues(in_correct, out_correct, in_count, out_count, threshold,
+                              int(self.config.get("min_count", DEFAULT_MIN_COUNT)))
 
     def most_memorized(self, count: int = 10, epoch: int | None = None) -> np.ndarray:
-        """Indices of the `count` highest scores, highest first (NaN scores last)."""
-        scores = np.nan_to_num(self.scores_at(epoch), nan=-np.inf)
-        return np.argsort(-scores, kind="stable")[:count]
+        """Indices of the `count` highest scores of real examples (no canaries), highest first
+        (NaN scores last)."""
+        scores = np.nan_to_num(self.counted_scores(epoch), nan=-np.inf)
+        return np.argsort(-scores, kind="stable")[:min(count, int(self.real.sum()))]
 
     def epoch_position(self, epoch: int | None) -> int:
         """Position of an evaluated epoch (1-based, as in `epochs`) in the [E, ...] arrays;
@@ -201,7 +221,7 @@ def load_run(path: str, dataset=None, all_models: bool = False) -> Run:
                    f"dataset {dataset.name!r} does not match run {path}")
     for name in ("canary_index", "canary_original_label"):  # runs written without canaries
         scores.setdefault(name, np.zeros(0, np.int64))
-    scores.setdefault("memorization_pvalue_by_epoch",  # runs written without the tests
+    scores.setdefault("threshold_pvalue_by_epoch",  # runs written without the test
                       np.full(scores["memorization_by_epoch"].shape, np.nan))
     all_indices = scores["model_indices"]
     excluded = scores.get("diverged", np.zeros(len(all_indices), bool)).astype(bool)

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxmem import estimator, keys, models
+from jaxmem.canaries import real_examples
 from jaxmem.config import Config
 from jaxmem.data import Dataset
 from jaxmem.errors import UserError
@@ -193,11 +194,12 @@ class Trainer:
 
 def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=None,
                    progress: bool = True, work: WorkDir | None = None,
-                   prior: Run | None = None) -> EnsembleResult:
+                   prior: Run | None = None, canary_index=()) -> EnsembleResult:
     """Train the models config.model_indices(), whose subsets are the rows of masks [K, N].
 
-    With config.until_se, waves stop as soon as every example's standard error is below it,
-    counting the models of `prior` (a finished run these models are added to) too.
+    With config.until_se, waves stop as soon as every real example's (canaries left out)
+    standard error is below it, counting the models of `prior` (a finished run these models
+    are added to) too.
     """
     indices = np.asarray(config.model_indices())
     if masks.shape != (len(indices), dataset.num_train):
@@ -224,7 +226,7 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
             bar.update(config.epochs * trainer.steps)
         done.append(arrays)
         arrays["masks"] = masks[start:stop]
-        if config.until_se is not None and below_target_se(before + done, config):
+        if config.until_se is not None and below_target_se(before + done, config, canary_index):
             bar.write(f"every standard error is below {config.until_se} after "
                       f"{sum(len(w['masks']) for w in before) + stop} models")
             break
@@ -253,13 +255,15 @@ def plan_line(config: Config, trainer: Trainer, waves: list, seconds_per_step: f
             f"compiling -> about {projected} of training")
 
 
-def below_target_se(waves: list[dict], config: Config) -> bool:
+def below_target_se(waves: list[dict], config: Config, canary_index=()) -> bool:
     """Is the largest per-example standard error (last evaluated epoch) of the models of
     `waves` (each with masks [m, N], correct_train [E, m, N], train_loss [epochs, m]) below
-    --until-se? Excluded (diverged) models do not count."""
+    --until-se? Excluded (diverged) models and the canaries do not count."""
     masks = np.concatenate([w["masks"] for w in waves])
     correct = np.concatenate([w["correct_train"][-1] for w in waves])
     losses = np.concatenate([w["train_loss"] for w in waves], axis=1)
     keep = ~diverged_models(losses)
-    scores = estimator.memorization_scores(masks[keep], correct[keep], config.min_count)
+    real = real_examples(masks.shape[1], canary_index)
+    scores = estimator.memorization_scores(masks[keep][:, real], correct[keep][:, real],
+                                           config.min_count)
     return not scores["low_count"].any() and np.nanmax(scores["memorization_se"]) < config.until_se

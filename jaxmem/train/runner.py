@@ -108,7 +108,8 @@ def train_and_evaluate(config: Config, out: str, overwrite: bool = False,
         shutil.rmtree(work_dir_of(out), ignore_errors=True)
     work = WorkDir(work_dir_of(out), {"settings": config.to_dict(), "fingerprints": {
         **info.fingerprints, **result_fingerprints(masks, config.to_dict())}}, resume)
-    result = train_ensemble(config, dataset, masks, progress=progress, work=work, prior=prior)
+    result = train_ensemble(config, dataset, masks, progress=progress, work=work, prior=prior,
+                            canary_index=planted.index)
     write_run(out, config.to_dict(), info, result, time.perf_counter() - started,
               {**provenance(config, info), **(recorded or {})})
     work.remove()
