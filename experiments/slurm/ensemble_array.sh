@@ -91,7 +91,7 @@ submit() {
         "$SCRIPT" part) || return
     # shellcheck disable=SC2086
     merge_job=$(sbatch --parsable ${JAXMEM_SBATCH_ARGS:-} --dependency=afterok:"$array" \
-        --job-name=jaxmem-merge "$SCRIPT" merge) || return
+        --job-name=jaxmem-merge --output=jaxmem-merge-%j.log "$SCRIPT" merge) || return
     echo "parts: job array $array; merge: job $merge_job -> $JAXMEM_OUT"
 }
 

@@ -1,5 +1,6 @@
 """Wave planning: how many models train at once, from the compiled step's memory use and the
-devices' free memory."""
+memory budget (a device's free memory, or the host's: host_memory.py), and again from the
+measured peak of a finished wave (MemoryPlan.wave_size_after)."""
 
 from __future__ import annotations
 
