@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxmem.errors import UserError
+from jaxmem.train import host_memory
 
 
 def setting(default, help: str):  # noqa: A002 - mirrors argparse's keyword
@@ -76,8 +77,12 @@ class Config:
     drop_diverged: bool = setting(False, "exclude models whose loss became NaN/inf from the "
                                   "scores instead of stopping the run")
     # execution (changes speed, not results beyond float rounding)
-    models_per_wave: int = setting(0, "models trained at once (0 = as many as fit the devices' "
-                                   "free memory; all of them on CPU)")
+    models_per_wave: int = setting(0, "models trained at once (0 = as many as fit the memory "
+                                   "budget: the devices' free memory on GPU/TPU, the host's on "
+                                   "CPU)")
+    host_memory: str | None = setting(None, "memory this host's run may use on CPU, e.g. 6G or "
+                                      "1.5GiB (default: the smaller of MemAvailable and the "
+                                      "memory cgroup's limit minus its usage)")
     conv_impl: str = setting("auto", "convolution lowering: auto, xla or im2col")
     ensemble: str = setting("auto", "model-axis mapping: auto, vmap, vmap:C, map or unroll")
     dtype: str = setting("float32", "compute dtype: float32 or bfloat16 (params stay float32)")
@@ -96,6 +101,8 @@ class Config:
             raise UserError(f"--canaries must be >= 0, got {self.canaries}")
         if self.models_per_wave < 0:
             raise UserError(f"--models-per-wave must be >= 0, got {self.models_per_wave}")
+        if self.host_memory is not None:
+            host_memory.parse_bytes(self.host_memory)
         if self.min_count < 2:
             raise UserError(f"--min-count must be >= 2 (a standard error needs two in- and two "
                             f"held-out models), got {self.min_count}")

@@ -28,10 +28,14 @@ def user_npz(tmp_path_factory):
 
 def test_cli_end_to_end_writes_the_run_directory(tmp_path, user_npz, capsys):
     out = str(tmp_path / "run")
-    assert main(TINY + [f"--dataset={user_npz}", f"--out={out}"]) == 0
+    assert main(TINY + [f"--dataset={user_npz}", f"--out={out}", "--host-memory=1G"]) == 0
     printed = capsys.readouterr().out
     assert "memorized:" in printed and out in printed
     run = load_run(out)
+    memory = run.metrics["memory_plan"]  # the budget: --host-memory unless less is available
+    assert memory["budget_bytes"] <= 2**30 and f"from {memory['budget_source']}" in printed
+    assert (memory["budget_source"] == "--host-memory") == (memory["budget_bytes"] == 2**30)
+    assert memory["measured_peak_bytes_per_model"] > 0 and memory["planned_bytes_per_model"] > 0
     # two epochs on random labels: the models cannot fit their subsets, and the run says so
     assert run.metrics["train_acc"] < 0.99 and "WARNING: The models fit only" in printed
     assert run.metrics["warnings"][0].startswith("The models fit only")
@@ -72,6 +76,7 @@ def test_existing_output_is_not_overwritten_without_flag(tmp_path, user_npz, cap
     (["--dataset=/nonexistent/arrays.npz"], "does not exist"),
     (["--conv-impl=fft"], "unknown --conv-impl 'fft'"),
     (["--threshold=1"], "--threshold must be in (-1, 1)"),
+    (["--host-memory=lots"], "--host-memory must be a size such as 6G"),
 ])
 def test_bad_input_is_one_line_error(flags, message, tmp_path, capsys):
     assert main(TINY + flags + [f"--out={tmp_path / 'run'}"]) == 2

@@ -15,7 +15,7 @@ from test_download import environment, server  # noqa: F401 - fixtures: no netwo
 
 import jaxmem.data
 from jaxmem import recipes
-from jaxmem.data import mnist
+from jaxmem.data import download, mnist
 from jaxmem.errors import UserError
 
 
@@ -91,6 +91,17 @@ def test_missing_files_are_downloaded_and_checked(tmp_path, server, monkeypatch)
                                         r"MD5 .*not the published 0{32}"):
         jaxmem.data.load("mnist", str(tmp_path / "fresh"))
     assert not (tmp_path / "fresh" / "mnist" / "train-images-idx3-ubyte.gz").exists()
+
+    # A mirror keeps the data dir's layout: MNIST's files under mnist/, apart from
+    # Fashion-MNIST's files of the same names.
+    md5["train-images-idx3-ubyte.gz"] = hashlib.md5(server.files[
+        "/mnist/train-images-idx3-ubyte.gz"][0]).hexdigest()
+    monkeypatch.setattr(mnist, "MNIST", dataclasses.replace(mnist.MNIST, url="http://127.0.0.1:9/",
+                                                            md5=md5))
+    monkeypatch.setenv(download.MIRROR_VAR, f"http://127.0.0.1:{server.server_port}")
+    server.requests.clear()
+    check(jaxmem.data.load("mnist", str(tmp_path / "mirrored")), arrays, "mnist")
+    assert sorted(server.requests) == sorted(f"/mnist/{s}.gz" for s in arrays)
 
 
 @pytest.mark.parametrize("damage, message", [

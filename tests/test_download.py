@@ -8,8 +8,12 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 
 import pytest
@@ -22,10 +26,12 @@ from jaxmem.errors import UserError
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Serves `server.files[path] = (body, bytes actually sent)` with the full Content-Length."""
+    """Serves `server.files[path] = (body, bytes actually sent)` with the full Content-Length,
+    after `server.delay` seconds."""
 
     def do_GET(self):
         self.server.requests.append(self.path)
+        time.sleep(self.server.delay)
         body, sent = self.server.files[self.path]
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -48,7 +54,7 @@ def environment(tmp_path, monkeypatch):
 @pytest.fixture
 def server():
     httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    httpd.files, httpd.requests = {}, []
+    httpd.files, httpd.requests, httpd.delay = {}, [], 0.0
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield httpd
@@ -148,3 +154,71 @@ def test_no_download_flag_reaches_the_loader(tmp_path, monkeypatch, capsys):
     code = cli.main(["--dataset=cifar10", f"--data-dir={tmp_path / 'data'}", "--no-download",
                      f"--out={tmp_path / 'run'}"])
     assert code == 2 and "downloads are off" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_downloaded_files_have_the_permissions_of_any_new_file(umask, tmp_path, server,
+                                                              monkeypatch):
+    """The archive and the decoded cache beside it: a group sharing the data dir reads them."""
+    _, body = cifar_archive(tmp_path, cifar.CIFAR10)
+    publish(server, monkeypatch, cifar.CIFAR10.archive, body)
+    before = os.umask(umask)
+    try:
+        jaxmem.data.load("cifar10", str(tmp_path / "data"))
+    finally:
+        os.umask(before)
+    written = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
+    assert tmp_path / "data" / cifar.CIFAR10.archive in written and len(written) > 2
+    assert {p.name: p.stat().st_mode & 0o777 for p in written} == {
+        p.name: 0o666 & ~umask for p in written}
+
+
+# Waits until both children are ready, then fetches CIFAR-10's archive from the mirror; the
+# archive's checksum is the fake's (the official address, a closed port, is never used).
+SHARED_DOWNLOAD = """
+import os, sys, time
+from pathlib import Path
+from jaxmem.data import download
+folder, md5, ready = sys.argv[1:]
+name = "cifar-10-python.tar.gz"
+download.ARCHIVES[name] = download.Archive("http://127.0.0.1:9/" + name, md5)
+Path(ready, str(os.getpid())).touch()
+while len(os.listdir(ready)) < 2:
+    time.sleep(0.01)
+print(download.fetch(name, Path(folder), "cifar10"))
+"""
+
+
+def mirror_env(server, path: str = "") -> dict:
+    env = {k: v for k, v in os.environ.items() if k != download.ENV_VAR}
+    return {**env, download.MIRROR_VAR: f"http://127.0.0.1:{server.server_port}{path}"}
+
+
+def test_two_processes_on_one_data_dir_download_once(tmp_path, server):
+    body = b"the archive" * 1000
+    server.files[f"/{cifar.CIFAR10.archive}"] = (body, len(body))
+    server.delay = 1.0  # the second process asks while the first is downloading
+    data, ready = tmp_path / "data", tmp_path / "ready"
+    ready.mkdir()
+    children = [subprocess.Popen(
+        [sys.executable, "-c", SHARED_DOWNLOAD, str(data), hashlib.md5(body).hexdigest(),
+         str(ready)], env=mirror_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for _ in range(2)]
+    done = [child.communicate(timeout=120) for child in children]
+    assert [child.returncode for child in children] == [0, 0], done
+    assert {out.strip() for out, _ in done} == {str(data / cifar.CIFAR10.archive)}
+    assert server.requests == [f"/{cifar.CIFAR10.archive}"]  # one download for both
+    assert sum("downloading" in err for _, err in done) == 1
+    assert os.listdir(data) == [cifar.CIFAR10.archive]  # no lock or temporary file left
+    assert (data / cifar.CIFAR10.archive).read_bytes() == body
+
+
+def test_a_mirror_is_checked_against_the_published_checksum(tmp_path, server, monkeypatch):
+    """The mirror serves a file that is not the official archive: refused, nothing kept."""
+    server.files[f"/mirror/{cifar.CIFAR10.archive}"] = (b"not cifar", 9)
+    monkeypatch.setenv(download.MIRROR_VAR, f"http://127.0.0.1:{server.server_port}/mirror/")
+    message = fails(tmp_path / "data", "has MD5")
+    url = f"http://127.0.0.1:{server.server_port}/mirror/{cifar.CIFAR10.archive}"
+    published = download.ARCHIVES[cifar.CIFAR10.archive].md5
+    assert url in message and f"not the published {published}" in message
+    assert server.requests == [f"/mirror/{cifar.CIFAR10.archive}"]

@@ -194,13 +194,18 @@ class FakeDevice:
         return self.stats
 
 
+def fake_host_budget(monkeypatch, available: int):
+    monkeypatch.setattr(waves.host_memory, "host_budget",
+                        lambda limit: waves.host_memory.Budget(available, "test"))
+
+
 def test_free_memory_is_the_devices_or_the_hosts_shared(monkeypatch):
     gpus = [FakeDevice({"bytes_limit": 100, "bytes_in_use": 30}), FakeDevice({"bytes_limit": 90})]
-    assert waves.free_memory(gpus) == 70  # the smallest device's free memory
-    monkeypatch.setattr(waves, "host_available_memory", lambda: 1000)
-    # CPUs share the host's memory, of which HOST_MEMORY_SHARE is offered
-    assert waves.free_memory([FakeDevice(None), FakeDevice(None)]) == int(
-        waves.HOST_MEMORY_SHARE * 1000) // 2
+    budget, shared = waves.free_memory(gpus)
+    assert budget.bytes == 70 and not shared  # the smallest device's free memory
+    fake_host_budget(monkeypatch, 1001)
+    budget, shared = waves.free_memory([FakeDevice(None), FakeDevice(None)])
+    assert (budget.bytes, budget.source, shared) == (500, "test", True)  # CPUs share the host
 
 
 def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
@@ -212,7 +217,28 @@ def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
     for fits in (1, 10, 37):  # available memory for exactly `fits` models (and a half)
         available = int((fits + 0.5) * per_model / waves.MEMORY_FRACTION
                         / waves.HOST_MEMORY_SHARE)
-        monkeypatch.setattr(waves, "host_available_memory", lambda a=available: a)
-        assert waves.auto_wave_size(trainer, 50) == min(fits, 50)
-    monkeypatch.setattr(waves, "host_available_memory", lambda: 1)
-    assert waves.auto_wave_size(trainer, 50) == 1  # at least one model per device
+        fake_host_budget(monkeypatch, available)
+        plan = waves.plan_memory(trainer, 50)
+        assert plan.wave_size == min(fits, 50) and plan.planned_bytes_per_model == per_model
+        assert plan.record([], [])["budget_bytes"] == available
+    fake_host_budget(monkeypatch, 1)
+    assert waves.plan_memory(trainer, 50).wave_size == 1  # at least one model per device
+    given = loop.Trainer(Config(**CONFIG, models_per_wave=7), DATASET)
+    assert waves.plan_memory(given, 50).wave_size == 7
+
+
+@pytest.mark.parametrize("shared,models_per_pool", [(True, 8), (False, 4)])
+def test_waves_are_replanned_from_a_measured_peak(shared, models_per_pool):
+    """CPU devices share one process's resident memory (the peak counts all 8 models of the
+    wave); a GPU's peak counts the 4 models on that device."""
+    budget = waves.host_memory.Budget(1000, "test")
+    plan = waves.MemoryPlan(wave_size=8, budget=budget, devices=2, shared=shared, baseline=100,
+                            planned_bytes_per_model=10)
+    peak = 100 + models_per_pool * 17  # 17 bytes per model over the baseline
+    assert plan.measured_bytes_per_model(peak, 8) == 17
+    fits = int(waves.MEASURED_FRACTION * 1000 // 17) * 2  # per device, on 2 devices
+    assert plan.wave_size_after(peak, 8, remaining=500) == fits
+    assert plan.wave_size_after(peak, 8, remaining=30) == 30
+    assert plan.wave_size_after(None, 8, remaining=30) == 8  # no peak: the plan stands
+    assert plan.record([peak, None, 100 + models_per_pool * 12], [8, 8, 8])[
+        "measured_peak_bytes_per_model"] == 17

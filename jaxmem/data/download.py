@@ -9,13 +9,25 @@ into place only after the whole file arrived and its checksum matched, so an int
 or corrupt download never leaves a file that looks complete (the temporary file is removed on
 any failure). The loaders then read the archive as if it had been placed there by hand.
 
-Opt out (air-gapped clusters): `--no-download` (Config field `download`) or
-`JAXMEM_NO_DOWNLOAD=1`; then a missing file is the usual one-line "place it here" error.
+Jobs sharing a data dir (a job array on `$JAXMEM_DATA`) download once: a download holds an
+exclusive `fcntl.flock` on `<file>.lock` in the data dir, so the others wait and then use the
+file the first one verified and renamed into place. The lock file is removed by its holder
+(which is why a waiter checks it still locks the file it opened). The archive gets the
+permissions the umask gives any new file, so a group sharing the data dir can read it.
+
+Air-gapped clusters with an internal HTTP mirror: `JAXMEM_DOWNLOAD_MIRROR=URL` fetches
+`URL/<file name>` instead of the official address, checked against the same published MD5
+(sets whose files share names keep them in a folder: `URL/mnist/<file name>`,
+`URL/fashion_mnist/<file name>`, as in the data dir).
+Opt out entirely: `--no-download` (Config field `download`) or `JAXMEM_NO_DOWNLOAD=1`; then a
+missing file is the usual one-line "place it here" error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import http.client
 import os
@@ -30,6 +42,7 @@ from tqdm.auto import tqdm
 from jaxmem.errors import UserError
 
 ENV_VAR = "JAXMEM_NO_DOWNLOAD"
+MIRROR_VAR = "JAXMEM_DOWNLOAD_MIRROR"
 OPT_OUT = f"--no-download or {ENV_VAR}=1"
 CHUNK = 1 << 20
 TIMEOUT_S = 60  # per blocking socket operation, not for the whole download
@@ -39,11 +52,12 @@ TIMEOUT_S = 60  # per blocking socket operation, not for the whole download
 class Archive:
     url: str
     md5: str
+    mirror_path: str = ""  # its path under a mirror (default: the file name)
 
 
 # file name -> where it is published and its MD5. The same values are checked by torchvision
 # (datasets.CIFAR10/CIFAR100 `tgz_md5`) and by Avalanche (TinyImagenet `md5`). Tests replace
-# entries to point at a local server.
+# entries' checksums for their fake archives.
 ARCHIVES: dict[str, Archive] = {
     "cifar-10-python.tar.gz": Archive("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                                       "c58f30108f718f92721af3b95e74349a"),
@@ -66,8 +80,50 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def source_url(filename: str, archive: Archive) -> str:
+    """Where `filename` is fetched from: `$JAXMEM_DOWNLOAD_MIRROR/<its mirror path>`, else the
+    official address."""
+    mirror = os.environ.get(MIRROR_VAR, "").strip()
+    return (f"{mirror.rstrip('/')}/{archive.mirror_path or filename}" if mirror
+            else archive.url)
+
+
+@contextlib.contextmanager
+def locked(path: Path, waiting: str):
+    """Hold an exclusive flock on `path` (created if missing; removed on release), printing
+    `waiting` if another process holds it. Reopens when the file it waited on was removed by
+    its previous holder in the meantime."""
+    while True:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(waiting, file=sys.stderr)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        Path(path).unlink(missing_ok=True)
+        os.close(fd)
+
+
+def new_file_mode() -> int:
+    """The permissions the umask gives a new file (0o666 without the umask's bits)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def fetch(filename: str, folder: Path, dataset: str, archive: Archive | None = None) -> Path:
-    """Download the official `filename` into `folder`, checked; returns its final path.
+    """Download `filename` into `folder` (or wait for a concurrent download of it), checked;
+    returns its final path.
 
     `archive`: where it is published, default `ARCHIVES[filename]`; datasets whose files share
     names (MNIST and Fashion-MNIST) keep their own tables and pass the entry.
@@ -78,16 +134,27 @@ def fetch(filename: str, folder: Path, dataset: str, archive: Archive | None = N
            f"{OPT_OUT} skips the download")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{filename}-", suffix=".part")
+        with locked(folder / f"{filename}.lock",
+                    f"{dataset}: waiting for another process's download of {filename}"):
+            if target.is_file():  # downloaded by the process that held the lock before
+                return target
+            return _download(filename, archive, target, dataset, fix)
     except OSError as error:
         raise UserError(f"{dataset}: cannot write {filename} into {folder} "
                         f"({_one_line(error)}); choose a writable --data-dir, or {fix}") from None
-    print(f"{dataset}: downloading {archive.url} into {folder}", file=sys.stderr)
+
+
+def _download(filename: str, archive: Archive, target: Path, dataset: str, fix: str) -> Path:
+    """Stream `filename` into a temporary file beside `target`, check its length and MD5,
+    and rename it into place with the umask's permissions."""
+    folder, url, md5 = target.parent, source_url(filename, archive), archive.md5
+    fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{filename}-", suffix=".part")
+    print(f"{dataset}: downloading {url} into {folder}", file=sys.stderr)
     try:
         digest, size, expected = hashlib.md5(usedforsecurity=False), 0, None
         try:
             with os.fdopen(fd, "wb") as out, \
-                    urllib.request.urlopen(archive.url, timeout=TIMEOUT_S) as response:
+                    urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
                 expected = int(response.headers.get("Content-Length") or 0) or None
                 with tqdm(total=expected, desc=filename, unit="B", unit_scale=True,
                           unit_divisor=1024, file=sys.stderr, disable=None, leave=False) as bar:
@@ -97,16 +164,17 @@ def fetch(filename: str, folder: Path, dataset: str, archive: Archive | None = N
                         size += len(chunk)
                         bar.update(len(chunk))
         except (OSError, http.client.HTTPException, ValueError) as error:
-            raise UserError(f"{dataset}: cannot download {filename} from {archive.url} "
+            raise UserError(f"{dataset}: cannot download {filename} from {url} "
                             f"({_one_line(error)}); {fix}") from None
         if expected is not None and size != expected:
-            raise UserError(f"{dataset}: the download of {filename} from {archive.url} stopped "
+            raise UserError(f"{dataset}: the download of {filename} from {url} stopped "
                             f"after {size:,} of {expected:,} bytes and was discarded; run again, "
                             f"or {fix}")
-        if digest.hexdigest() != archive.md5:
-            raise UserError(f"{dataset}: {filename} downloaded from {archive.url} has MD5 "
-                            f"{digest.hexdigest()}, not the published {archive.md5}, and was "
+        if digest.hexdigest() != md5:
+            raise UserError(f"{dataset}: {filename} downloaded from {url} has MD5 "
+                            f"{digest.hexdigest()}, not the published {md5}, and was "
                             f"discarded; run again, or {fix}")
+        os.chmod(temp, new_file_mode())  # mkstemp's 0600 would shut out the group
         os.replace(temp, target)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -53,7 +53,7 @@ class MnistSpec:
     md5: dict[str, str]  # official .gz file name -> MD5
 
     def archive(self, filename: str) -> downloads.Archive:
-        return downloads.Archive(self.url + filename, self.md5[filename])
+        return downloads.Archive(self.url + filename, self.md5[filename], f"{self.name}/{filename}")
 
 
 # MD5s: LeCun's published files (also checked by torchvision's MNIST, which downloads them from

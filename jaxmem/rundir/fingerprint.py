@@ -16,7 +16,7 @@ from jaxmem.errors import UserError
 
 # Settings that change no result (only speed, placement or where things are).
 EXECUTION_SETTINGS = ("data_dir", "download", "eval_batch_size", "models_per_wave", "conv_impl",
-                      "ensemble", "model_range", "checkpoint_seconds")
+                      "ensemble", "model_range", "checkpoint_seconds", "host_memory")
 # Settings that change only what a run reports about itself (its warnings), no score.
 REPORT_SETTINGS = ("fit_threshold", "null_permutations", "fdr")
 # Settings that decide which models a run holds and keeps, not what any model computes: model k

@@ -31,7 +31,7 @@ class EnsembleResult:
     model_indices [K]; masks [K,N] bool; correct_train [E,K,N] bool; correct_test
     [E,K,N_test] bool; train_loss, train_batch_acc [epochs, K] (means over each epoch's own
     examples); seconds spent per part (TIMED_PARTS); peak memory per wave in bytes (None
-    where not reported).
+    where not reported); the memory plan's record (waves.MemoryPlan.record; None when merged).
     """
 
     model_indices: np.ndarray
@@ -45,6 +45,7 @@ class EnsembleResult:
         default_factory=lambda: dict.fromkeys(TIMED_PARTS, 0.0))
     devices: list[str] = dataclasses.field(default_factory=list)
     peak_memory_bytes: list[int | None] = dataclasses.field(default_factory=list)
+    memory_plan: dict | None = None
 
     @property
     def diverged(self) -> np.ndarray:
@@ -251,6 +252,7 @@ def summary_metrics(result: EnsembleResult, scores: dict, settings: dict, wall: 
         "models_per_hour": 3600.0 * num_models / max(wall, 1e-9),
         "peak_memory_bytes_per_wave": result.peak_memory_bytes,
         "peak_memory_bytes": max(peaks) if peaks else None,
+        "memory_plan": result.memory_plan,
         "devices": result.devices,
         "num_devices": len(result.devices),
     }

@@ -27,7 +27,7 @@ from jaxmem.train.ensemble import Ensemble, make_mesh
 from jaxmem.train.optim import make_optimizer
 from jaxmem.train.orders import model_orders, steps_per_epoch
 from jaxmem.train.step import StepSpec
-from jaxmem.train.waves import auto_wave_size, peak_memory, reset_peak_memory, wave_slices
+from jaxmem.train.waves import peak_memory, plan_memory, reset_peak_memory, wave_slices
 
 # Steps timed after the first (which compiles) for the plan's projected time.
 PLAN_WARMUP_STEPS = 3
@@ -206,10 +206,11 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
         raise ValueError(f"masks {masks.shape} do not match {len(indices)} models x "
                          f"{dataset.num_train} examples")
     trainer = Trainer(config, dataset, devices)
-    per_wave = config.models_per_wave or auto_wave_size(trainer, len(indices))
-    waves = wave_slices(len(indices), per_wave, trainer.ensemble.num_devices)
+    memory = plan_memory(trainer, len(indices))
+    waves = wave_slices(len(indices), memory.wave_size, trainer.ensemble.num_devices)
     bar = tqdm(total=len(waves) * config.epochs * trainer.steps, unit="step",
                disable=not progress, dynamic_ncols=True)
+    bar.write(memory.line())
     trainer.plan = lambda seconds: bar.write(plan_line(config, trainer, waves, seconds))
     done = []
     before = [] if prior is None else [{
@@ -233,12 +234,13 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
     bar.close()
     used = sum(a["train_loss"].shape[1] for a in done)
     stacked = {name: np.concatenate([a[name] for a in done], axis=1) for name in WAVE_ARRAYS}
+    peaks = [int(a["peak_memory_bytes"]) if a["peak_memory_bytes"] >= 0 else None for a in done]
     return EnsembleResult(
         indices[:used], masks[:used], trainer.eval_epochs, stacked["correct_train"],
         stacked["correct_test"], stacked["train_loss"], stacked["train_batch_acc"],
         {part: float(sum(a[f"{part}_seconds"] for a in done)) for part in TIMED_PARTS},
         [str(d) for d in trainer.mesh.devices.flat],
-        [int(a["peak_memory_bytes"]) if a["peak_memory_bytes"] >= 0 else None for a in done])
+        peaks, memory.record(peaks, [padded for _, _, padded in waves[:len(done)]]))
 
 
 def plan_line(config: Config, trainer: Trainer, waves: list, seconds_per_step: float) -> str:

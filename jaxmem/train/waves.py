@@ -1,14 +1,16 @@
 """Wave planning: how many models train at once, from the compiled step's memory use and the
-devices' free memory."""
+memory budget (a device's free memory, or the host's: host_memory.py), and again from the
+measured peak of a finished wave (MemoryPlan.wave_size_after)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
+from jaxmem.train import host_memory
 from jaxmem.train import step as step_lib
 
 
@@ -23,23 +25,95 @@ def wave_slices(num_models: int, per_wave: int, num_devices: int) -> list[tuple[
     return waves
 
 
-# Share of the free memory a wave may plan to use (the rest: fragmentation, evaluation, XLA).
+# Share of the free memory a wave may plan to use from the compiled memory analysis (the rest:
+# fragmentation, evaluation, XLA).
 MEMORY_FRACTION = 0.7
 # On CPU the compiled memory analysis undercounts what the process holds (1,400 images of
 # 16x16x3, batch 32: planned ~0.26 GB per model, resident peak 17.2 GiB for 48 models, ~0.36),
-# so only this share of the host's available memory is offered to the plan.
+# so a first plan from it offers only this share of the host budget.
 HOST_MEMORY_SHARE = 0.7
+# Share of the budget a wave may use when planned from a finished wave's measured peak (which
+# counts everything the wave held; the rest absorbs the peak's variation between waves).
+MEASURED_FRACTION = 0.85
 
 
-def auto_wave_size(trainer, num_models: int) -> int:
-    """Models per wave that fit the free memory, from the compiled train step's and evaluation's
-    memory use for one model per device: device memory on GPU/TPU; on CPU, where devices report
-    none, the host's available memory shared by the CPU devices."""
-    free = free_memory(trainer.mesh.devices.flat)
-    count = trainer.mesh.size
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """The models per wave and what they were planned from. `budget` is one device's memory:
+    on GPU/TPU its free memory, on CPU the host budget (host_memory.host_budget) split over the
+    CPU devices, which share one process's resident memory (`shared`). `baseline` is the memory
+    in use when the budget was read (the device's bytes in use, or the process's resident
+    memory), so a wave's peak minus it is what the wave's models added."""
+
+    wave_size: int
+    budget: host_memory.Budget
+    devices: int
+    shared: bool
+    baseline: int | None
+    planned_bytes_per_model: int | None
+
+    def measured_bytes_per_model(self, peak: int | None, padded: int) -> int | None:
+        """Peak bytes one model of a finished wave of `padded` models added over the baseline
+        (None where the peak or baseline is unknown)."""
+        if peak is None or peak < 0 or self.baseline is None:
+            return None
+        per_pool = padded if self.shared else max(1, padded // self.devices)
+        return max(1, (peak - self.baseline) // per_pool)
+
+    def wave_size_after(self, peak: int | None, padded: int, remaining: int) -> int:
+        """Models per wave for the `remaining` models, from the measured peak of a finished wave
+        of `padded` models (the plan's wave size where it is unknown or the size was given)."""
+        measured = self.measured_bytes_per_model(peak, padded)
+        if measured is None or self.planned_bytes_per_model is None:
+            return min(remaining, self.wave_size)
+        return fitting_models(MEASURED_FRACTION * self.budget.bytes, measured, self.devices,
+                              remaining)
+
+    @property
+    def budget_bytes(self) -> int:
+        """The budget of the process (CPU: all its devices) or of one device (GPU, TPU)."""
+        return self.budget.bytes * (self.devices if self.shared else 1)
+
+    def line(self) -> str:
+        """One line for the log: the budget, where it came from and the wave size."""
+        per = "" if self.shared else " per device"
+        guess = (f", planned {self.planned_bytes_per_model / 2**30:.3f} GiB per model"
+                 if self.planned_bytes_per_model else ", --models-per-wave given")
+        return (f"memory: budget {self.budget_bytes / 2**30:.2f} GiB{per} from "
+                f"{self.budget.source}{guess} -> waves of up to {self.wave_size} models")
+
+    def record(self, peaks: list[int | None], padded: list[int]) -> dict:
+        """metrics.json's account of the plan: budget per process, its source, the bytes
+        per model planned and the largest measured over the finished waves."""
+        measured = [self.measured_bytes_per_model(p, n) for p, n in zip(peaks, padded, strict=True)]
+        measured = [m for m in measured if m is not None]
+        return {"budget_bytes": self.budget_bytes,
+                "budget_source": self.budget.source, "budget_per": "process" if self.shared
+                else "device", "models_per_wave": self.wave_size,
+                "planned_bytes_per_model": self.planned_bytes_per_model,
+                "measured_peak_bytes_per_model": max(measured) if measured else None}
+
+
+def plan_memory(trainer, num_models: int) -> MemoryPlan:
+    """The wave size of `num_models` models: --models-per-wave if given, else as many as fit
+    one device's budget by the compiled train step's and evaluation's memory use for one model
+    per device (on CPU, HOST_MEMORY_SHARE of it: the analysis undercounts resident memory)."""
+    config, devices = trainer.config, list(trainer.mesh.devices.flat)
+    count = len(devices)
+    budget, shared = free_memory(devices, config.host_memory)
+    baseline = memory_in_use(devices)
+    if config.models_per_wave:
+        return MemoryPlan(config.models_per_wave, budget, count, shared, baseline, None)
     per_model = max(compiled_bytes(trainer, count), 1)
-    per_device = max(1, int(MEMORY_FRACTION * free // per_model))
-    return min(num_models, per_device * count)
+    offered = MEMORY_FRACTION * budget.bytes * (HOST_MEMORY_SHARE if shared else 1.0)
+    return MemoryPlan(fitting_models(offered, per_model, count, num_models), budget, count,
+                      shared, baseline, per_model)
+
+
+def fitting_models(offered: float, per_model: int, devices: int, num_models: int) -> int:
+    """Models that fit `offered` bytes per device at `per_model` bytes each, on every device
+    (at least one per device), and no more than num_models."""
+    return min(num_models, max(1, int(offered // per_model)) * devices)
 
 
 def compiled_bytes(trainer, count: int) -> int:
@@ -65,36 +139,27 @@ def _bytes(usage) -> int:
             - usage.alias_size_in_bytes + usage.temp_size_in_bytes)
 
 
-def free_memory(devices) -> int:
-    """Smallest free memory of one device in bytes: reported device memory (GPU, TPU), else
-    HOST_MEMORY_SHARE of the host's available memory split evenly over the devices (CPU devices
-    share it)."""
+def free_memory(devices, host_limit: str | None = None) -> tuple[host_memory.Budget, bool]:
+    """(The smallest free memory of one device, whether the devices share it): reported device
+    memory (GPU, TPU), else the host budget (host_memory.host_budget, with --host-memory
+    `host_limit`) split evenly over the CPU devices, which share it."""
     devices = list(devices)
     stats = [d.memory_stats() for d in devices]
     if all(s and "bytes_limit" in s for s in stats):
-        return min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
-    return int(HOST_MEMORY_SHARE * host_available_memory()) // len(devices)
+        free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+        return host_memory.Budget(free, "device memory (bytes_limit - bytes_in_use)"), False
+    host = host_memory.host_budget(host_limit)
+    return host_memory.Budget(host.bytes // len(devices), host.source), True
 
 
-def host_available_memory() -> int:
-    """The host's available memory in bytes (Linux MemAvailable: free plus reclaimable cache),
-    or, where /proc/meminfo is missing, the physical memory."""
-    available = _kib_field("/proc/meminfo", "MemAvailable:")
-    if available is None:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return available
-
-
-def _kib_field(path: str, name: str) -> int | None:
-    """The bytes of a 'Name:  123 kB' line of a /proc file, or None where there is none."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(name):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def memory_in_use(devices) -> int | None:
+    """The largest bytes in use over the devices where the backend reports it (GPU, TPU), else
+    the process's resident memory (VmRSS; None if unknown)."""
+    used = [(d.memory_stats() or {}).get("bytes_in_use") for d in devices]
+    used = [u for u in used if u is not None]
+    if used:
+        return max(used)
+    return host_memory.kib_field("/proc/self/status", "VmRSS:")
 
 
 def reset_peak_memory() -> None:
@@ -114,4 +179,4 @@ def peak_memory(devices) -> int | None:
     peaks = [p for p in peaks if p is not None]
     if peaks:
         return max(peaks)
-    return _kib_field("/proc/self/status", "VmHWM:")
+    return host_memory.kib_field("/proc/self/status", "VmHWM:")
