@@ -12,15 +12,24 @@ import jax.numpy as jnp
 from jaxmem.train import step as step_lib
 
 
-def wave_slices(num_models: int, per_wave: int, num_devices: int) -> list[tuple[int, int, int]]:
-    """[(start, stop, padded size)]: waves of at most per_wave models, each padded up to a
-    multiple of the device count so that every device holds the same number of models."""
-    per_wave = per_wave or num_models
-    waves = []
-    for start in range(0, num_models, per_wave):
-        stop = min(start + per_wave, num_models)
-        waves.append((start, stop, math.ceil((stop - start) / num_devices) * num_devices))
-    return waves
+def padded_size(count: int, num_devices: int) -> int:
+    """A wave of `count` models padded up to a multiple of the device count, so that every
+    device holds the same number of models (padding repeats the last model)."""
+    return math.ceil(count / num_devices) * num_devices
+
+
+class WavePlan:
+    """Models per wave, asked before every wave with the number of models still to train, so
+    waves may change size within a run. This plan fixes the size at the first wave:
+    --models-per-wave, else as many as fit the devices' free memory (`auto_wave_size`)."""
+
+    def __init__(self, models_per_wave: int = 0):
+        self.size = models_per_wave or None
+
+    def __call__(self, trainer, remaining: int) -> int:
+        if self.size is None:
+            self.size = auto_wave_size(trainer, remaining)
+        return min(self.size, remaining)
 
 
 # Share of the free memory a wave may plan to use (the rest: fragmentation, evaluation, XLA).
