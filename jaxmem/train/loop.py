@@ -8,6 +8,7 @@ where it stopped and gives the same results.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import math
 import sys
@@ -358,7 +359,7 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
         bar.write(f"resume: {len(finished)} finished models reused")
     active = work is not None and threading.current_thread() is threading.main_thread()
     first_wave = True
-    with StopSignals(active) as stop:
+    with StopSignals(active) as stop, contextlib.closing(bar):
         while todo and not (config.until_se is not None and done and
                             below_target_se(before + done, config, bar)):
             if stop.stopping:
@@ -383,7 +384,6 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
             arrays["masks"] = masks[[row_of[k] for k in wave]]
             done.append(arrays)
             todo = [k for k in todo if k not in set(wave.tolist())]
-    bar.close()
     everything = {name: np.concatenate([a[name] for a in done], axis=1) for name in WAVE_ARRAYS}
     models = np.concatenate([a["model_indices"] for a in done]).astype(int)
     order = np.argsort(models)

@@ -19,9 +19,9 @@ from jax.experimental import multihost_utils
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Exit status of a run that checkpointed its work on a signal (sysexits.h EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
-# Tests only: the process sends itself SIGTERM after this many training steps, so that the
-# signal arrives at a known step.
-SIGNAL_AT_STEP = "JAXMEM_TEST_SIGTERM_AT_STEP"
+# Tests only: "STEP" or "STEP:SIGNAME": the process sends itself SIGTERM (or SIGNAME) after
+# this many training steps, so that the signal arrives at a known step.
+SIGNAL_AT_STEP = "JAXMEM_TEST_SIGNAL_AT_STEP"
 
 
 class Preempted(Exception):  # noqa: N818 (a state the run ends in, not a fault)
@@ -43,7 +43,8 @@ class StopSignals:
         self.stopping = False
         self._previous = {}
         self._multiprocess = jax.process_count() > 1
-        self._test_step = int(os.environ.get(SIGNAL_AT_STEP, 0))
+        step, _, name = os.environ.get(SIGNAL_AT_STEP, "0").partition(":")
+        self._test_signal = int(step), signal.Signals[name or "SIGTERM"]
 
     def __enter__(self):
         for sig in STOP_SIGNALS if self.active else ():
@@ -68,8 +69,8 @@ class StopSignals:
     def after_step(self) -> bool:
         """Count a finished step; True once training should stop (here: at this step)."""
         self.steps += 1
-        if self.steps == self._test_step:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if self.steps == self._test_signal[0]:
+            signal.raise_signal(self._test_signal[1])  # handled before it returns
         if self.active and self._multiprocess and not self.stopping:
             self.stopping = multihost_utils.reached_preemption_sync_point(self.steps)
             self.received = self.received or ("SIGTERM" if self.stopping else None)
