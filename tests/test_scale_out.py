@@ -85,7 +85,7 @@ def test_killed_run_refuses_changed_inputs_then_resumes_to_the_same_scores(
     deadline = time.monotonic() + 300
     # SIGKILL as soon as the second wave (models 2, 3) has committed its checkpoint after
     # epoch 1 (2 steps): one wave done, one midway.
-    while not os.path.isdir(os.path.join(work, "checkpoint-models-2-4", "2")):
+    while not os.path.isfile(os.path.join(work, "checkpoint-models-2-4", "2.npz")):
         assert child.poll() is None, child.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -246,7 +246,8 @@ def six(npz, tmp_path_factory):
 def contents(work: str) -> tuple[list[str], dict[str, int]]:
     """(finished wave files, {checkpoint directory: its newest position in steps})."""
     with WorkDir(work, {"fingerprints": {}}, resume=True) as opened:
-        checkpoints = {os.path.basename(c.path): c.position for c in opened.checkpoints()}
+        checkpoints = {os.path.basename(os.path.dirname(c.path)): c.position
+                       for c in opened.checkpoints()}
     return sorted(f for f in os.listdir(work) if f.endswith(".npz")), checkpoints
 
 

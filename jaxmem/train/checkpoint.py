@@ -1,17 +1,19 @@
 """Nothing lost on interruption: a run's work directory `<out>.partial/`.
 
 It holds the run's record (settings and fingerprints, checked on `--resume`), one file per
-finished wave, and, for a wave in progress, orbax checkpoints (the last 2 kept), each holding the
-models' states and the wave's partial results (with the position inside the epoch) as two
-items of one checkpoint, so a state never lacks its results. Everything is keyed by MODEL INDEX,
-never by wave number: finished files are `models-FIRST-STOP.npz` and checkpoints
-`checkpoint-models-FIRST-STOP/` (models FIRST..STOP-1), so a resume may lay out its waves
+finished wave, and, for a wave in progress, checkpoints (the last 2 kept), each one file holding
+the models' states and the wave's partial results (with the position inside the epoch), so a
+state never lacks its results. Everything is keyed by MODEL INDEX, never by wave number:
+finished files are `models-FIRST-STOP.npz` and checkpoints `checkpoint-models-FIRST-STOP/STEPS.npz`
+(models FIRST..STOP-1 after STEPS optimiser steps each), so a resume may lay out its waves
 differently (another wave size or device count) and still reuse every finished step. States are
-saved without the padding rows of a wave, from host memory, so they restore on any layout.
+saved without the padding rows of a wave, from host memory, so they restore on any layout, and
+each process of a multi-process job writes its own files (orbax's checkpointer writes no host
+arrays from a process other than 0).
 
-Files are written atomically (jaxmem/atomic.py) and orbax commits a checkpoint only once
-complete, so a SIGKILL at any moment leaves a resumable state. While a run is alive it holds
-`lock` in the directory: a second run on the same output is refused.
+Files are written atomically (jaxmem/atomic.py), so a SIGKILL at any moment leaves a resumable
+state. While a run is alive it holds `lock` in the directory: a second run on the same output
+is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jaxmem import atomic
 from jaxmem.errors import UserError
@@ -41,7 +42,7 @@ _CHECKPOINT = re.compile(r"checkpoint-models-(\d+)-(\d+)")
 class Checkpoint(NamedTuple):
     """The newest checkpoint of a wave in progress: its models and how far they got."""
 
-    path: str
+    path: str  # its file
     models: range
     position: int  # optimiser steps every one of its models has taken
 
@@ -117,44 +118,42 @@ class WorkDir:
                 shutil.rmtree(path, ignore_errors=True)
 
     def checkpoints(self) -> list[Checkpoint]:
-        """Every committed checkpoint (its newest step)."""
+        """Every wave in progress (its newest checkpoint)."""
         found = []
         for path, models in self._matches(_CHECKPOINT):
-            with _manager(path) as manager:
-                step = manager.latest_step()
-            if step is not None:
-                found.append(Checkpoint(path, models, step))
+            steps = _steps(path)
+            if steps:
+                found.append(Checkpoint(os.path.join(path, f"{steps[-1]}.npz"), models,
+                                        steps[-1]))
         return found
 
     def save_checkpoint(self, models: range, position: int, states, partial: dict) -> None:
         """The states (host arrays, one row per model of `models`) and partial results of a
-        wave in progress after `position` steps, together."""
+        wave in progress after `position` steps, in one file."""
         path = os.path.join(self.path, f"checkpoint-models-{models.start}-{models.stop}")
         os.makedirs(path, exist_ok=True)
-        with _manager(path) as manager:
-            manager.save(position, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(states), partial=ocp.args.StandardSave(partial)))
-            manager.wait_until_finished()
+        leaves = jax.tree.leaves(states)
+        atomic.write_npz(os.path.join(path, f"{position}.npz"),
+                         **{f"state_{i}": leaf for i, leaf in enumerate(leaves)},
+                         **{f"partial_{name}": value for name, value in partial.items()})
+        for old in _steps(path)[:-KEEP_CHECKPOINTS]:
+            os.remove(os.path.join(path, f"{old}.npz"))
 
-    def restore_checkpoint(self, checkpoint: Checkpoint, states_template, partial_template):
-        """(states, partial) of `checkpoint` as host arrays; the templates: host arrays of the
-        same structure, shapes and dtypes."""
-        with _manager(checkpoint.path) as manager:
-            restored = manager.restore(checkpoint.position, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(states_template),
-                partial=ocp.args.StandardRestore(partial_template)))
-        return restored.state, {key: np.asarray(value) for key, value in restored.partial.items()}
+    def restore_checkpoint(self, checkpoint: Checkpoint, states_template,
+                           partial_names) -> tuple:
+        """(states, partial) of `checkpoint` as host arrays: states in the structure of
+        `states_template`, partial the arrays named `partial_names`."""
+        with np.load(checkpoint.path) as archive:
+            leaves, structure = jax.tree.flatten(states_template)
+            states = jax.tree.unflatten(structure, [archive[f"state_{i}"]
+                                                    for i in range(len(leaves))])
+            return states, {name: archive[f"partial_{name}"] for name in partial_names}
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _manager(path: str) -> ocp.CheckpointManager:
-    # Each process checkpoints only its own models (its own work directory): no cross-process
-    # barriers, this process is its own primary host.
-    me = jax.process_index()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=KEEP_CHECKPOINTS, enable_async_checkpointing=False, create=False,
-        multiprocessing_options=ocp.options.MultiprocessingOptions(
-            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"p{me}"))
-    return ocp.CheckpointManager(os.path.abspath(path), options=options)
+def _steps(path: str) -> list[int]:
+    """The positions of the checkpoints in `path`, in order."""
+    return sorted(int(m[1]) for m in map(re.compile(r"(\d+)\.npz").fullmatch, os.listdir(path))
+                  if m)

@@ -81,12 +81,11 @@ class Trainer:
 
     def empty_wave(self, count: int) -> dict[str, np.ndarray]:
         e, epochs = len(self.eval_epochs), self.config.epochs
-        # scalars as 0-d arrays: orbax saves and restores those (not numpy scalars)
         return {"correct_train": np.zeros((e, count, self.dataset.num_train), bool),
                 "correct_test": np.zeros((e, count, self.dataset.num_test), bool),
                 "train_loss": np.zeros((epochs, count)),
                 "train_batch_acc": np.zeros((epochs, count)),
-                **{f"{part}_seconds": np.zeros(()) for part in TIMED_PARTS}}
+                **{f"{part}_seconds": np.float64(0) for part in TIMED_PARTS}}
 
     def train_wave(self, indices: np.ndarray, masks: np.ndarray, progress: Progress,
                    stop: StopSignals, work: WorkDir | None = None,
@@ -173,18 +172,17 @@ class Trainer:
         """(states, totals, partial results) of the models `indices` (all held by
         `checkpoint`) laid out as this wave's rows; the checkpoint's seconds are shared out
         by model."""
-        count = len(checkpoint.models)
         shapes = jax.eval_shape(self.ensemble.init, jax.ShapeDtypeStruct(
             (self.ensemble.num_devices, 2), jnp.uint32))
+        totals_names = [f"totals_{name}" for name in StepTotals._fields]
         states, partial = work.restore_checkpoint(
-            checkpoint, jax.tree.map(lambda s: np.empty((count, *s.shape[1:]), s.dtype), shapes),
-            {**self.empty_wave(count), **{f"totals_{name}": np.zeros(count, np.float32)
-                                          for name in StepTotals._fields}})
+            checkpoint, shapes, [*WAVE_ARRAYS, *totals_names,
+                                 *(f"{part}_seconds" for part in TIMED_PARTS)])
         picked = indices - checkpoint.models.start  # rows of the checkpoint
         put = lambda a: jax.device_put(a[picked[rows]], self.ensemble.model_sharding)  # noqa: E731
-        totals = StepTotals(*(put(partial[f"totals_{name}"]) for name in StepTotals._fields))
+        totals = StepTotals(*(put(partial[name]) for name in totals_names))
         result = {name: partial[name][:, picked] for name in WAVE_ARRAYS}
-        share = len(indices) / count
+        share = len(indices) / len(checkpoint.models)
         result.update({f"{part}_seconds": partial[f"{part}_seconds"] * share
                        for part in TIMED_PARTS})
         return jax.tree.map(put, states), totals, result
@@ -332,8 +330,10 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
 
     Models finished in `work` are reused by model index and a checkpoint of a wave in
     progress is continued at the step it reached, whatever the wave layout now; only the
-    remaining models train. wave_size(trainer, remaining) -> models in the next wave, asked
-    before every wave (default: `WavePlan`). With a work directory, SIGTERM and SIGUSR1
+    remaining models train. A checkpoint of more models than the wave size now allows is
+    continued in chunks of that size (restored on the host): a smaller size is what a resume
+    after running out of memory asks for. wave_size(trainer, remaining) -> models in the next
+    wave, asked before every wave (default: `WavePlan`). With a work directory, SIGTERM and SIGUSR1
     checkpoint the step in progress and raise `Preempted`.
 
     With config.until_se, waves stop as soon as every example's standard error is below it,

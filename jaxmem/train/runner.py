@@ -39,7 +39,7 @@ from jaxmem.train import lowering
 from jaxmem.train.checkpoint import WorkDir
 from jaxmem.train.loop import train_ensemble
 
-VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "jaxmem")
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "jaxmem")
 
 
 def library_versions() -> dict[str, str]:
