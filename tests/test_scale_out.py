@@ -3,6 +3,7 @@ divergence, adaptive ensemble size, two processes on the loopback address."""
 
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import socket
@@ -213,18 +214,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_on_loopback_equal_a_single_process(npz, uninterrupted, tmp_path):
-    out, port = str(tmp_path / "two"), free_port()
+def test_two_processes_on_loopback_equal_a_single_process_after_a_sigterm(
+        npz, uninterrupted, tmp_path):
+    """SIGTERM reaches process 0 at its step 3: through the preemption sync point both
+    processes checkpoint at one agreed step (after the furthest one's next step) and exit 75;
+    resumed, the merged run equals a single process's."""
+    out = str(tmp_path / "two")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen(
-        [sys.executable, RUN_PY, f"--dataset={npz}", "--num-models=4", "--epochs=4",
-         "--eval-every=2", "--batch-size=64", "--lr=0.4", "--translate=0", "--seed=7",
-         "--min-count=2", f"--out={out}",
-         "--no-progress", "--distributed", f"--coordinator-address=127.0.0.1:{port}",
-         "--num-processes=2", f"--process-id={p}"], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for p in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
+
+    def both(*extra, hook="0"):
+        port = free_port()
+        procs = [subprocess.Popen(
+            [sys.executable, RUN_PY, *flags_for(npz, models_per_wave=0), f"--out={out}",
+             "--no-progress", "--distributed", f"--coordinator-address=127.0.0.1:{port}",
+             "--num-processes=2", f"--process-id={p}", *extra],
+            env=dict(env, **{SIGNAL_AT_STEP: hook if p == 0 else "0"}),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in range(2)]
+        outputs = [p.communicate(timeout=600) for p in procs]
+        return [p.returncode for p in procs], [o[1] for o in outputs]
+
+    codes, errors = both(hook="3")
+    assert codes == [EXIT_PREEMPTED] * 2, [e[-2000:] for e in errors]
+    stops = [re.fullmatch(rf"stopped: SIGTERM received: models {first}\.\.{first + 1} "
+                          r"checkpointed (at epoch \d, step 1 of 2|after epoch \d) in "
+                          rf"{out}\.parts/part-00{p}\.partial; rerun .*",
+                          errors[p].strip().splitlines()[-1])
+             for p, first in enumerate((0, 2))]
+    assert all(stops) and stops[0][1] == stops[1][1], errors  # one agreed step
+    codes, errors = both("--resume")
+    assert codes == [0, 0], [e[-2000:] for e in errors]
     merged = load_run(out)
     assert merged.metrics["num_models"] == 4
     assert_same_run(merged, uninterrupted, exact=False)
