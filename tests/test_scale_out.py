@@ -14,12 +14,13 @@ import time
 import numpy as np
 import pytest
 
-from jaxmem import estimator, load_run
+from jaxmem import cli, estimator, load_run
 from jaxmem.config import Config
 from jaxmem.data import load
 from jaxmem.data.synthetic import make
 from jaxmem.errors import UserError
 from jaxmem.rundir.merge import merge_runs
+from jaxmem.train import runner
 from jaxmem.train.checkpoint import WorkDir
 from jaxmem.train.loop import DivergedError
 from jaxmem.train.preemption import EXIT_PREEMPTED, SIGNAL_AT_STEP, Preempted
@@ -381,3 +382,16 @@ def test_an_interrupted_grow_is_kept_until_resumed(npz, six, tmp_path, monkeypat
         run(config, out, grow=True, progress=False)
     assert contents(grow_work) == ([], {"checkpoint-models-3-6": STEPS + 1})
     assert_same_run(load_run(run(config, out, grow=True, resume=True, progress=False)), six)
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_ctrl_c_names_the_work_directory_it_keeps(npz, tmp_path, monkeypatch, capsys, grow):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    out = str(tmp_path / "run")
+    assert cli.main([*flags_for(npz), f"--out={out}", *(["--grow"] if grow else [])]) == 130
+    kept = f"{out}.grow.partial" if grow else f"{out}.partial"
+    assert capsys.readouterr().err == ("interrupted; no run directory was written; finished "
+                                       f"epochs are kept in {kept}: rerun with --resume\n")
