@@ -11,14 +11,12 @@ import collections
 import contextlib
 import functools
 import math
-import sys
 import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxmem import estimator, keys, models
 from jaxmem.config import Config
@@ -32,6 +30,7 @@ from jaxmem.train.ensemble import Ensemble, make_mesh
 from jaxmem.train.optim import make_optimizer
 from jaxmem.train.orders import model_orders, steps_per_epoch
 from jaxmem.train.preemption import EXIT_PREEMPTED, Preempted, StopSignals
+from jaxmem.train.progress import Progress
 from jaxmem.train.step import StepSpec, StepTotals
 from jaxmem.train.waves import WavePlan, padded_size, peak_memory, reset_peak_memory
 
@@ -276,44 +275,6 @@ class Trainer:
         params = load_timm_vit(self.config.init_from, jax.device_get(states.params),
                                self.config.arch)
         return states._replace(params=jax.device_put(params, self.ensemble.model_sharding))
-
-
-class Progress:
-    """The run's progress bar over training steps. It starts drawing only once the plan line
-    is out (or the first epoch ends), so the plan has a line of its own."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar, self.count, self.total = enabled, None, 0, 0
-
-    def start(self) -> None:
-        if self.bar is None:
-            self.bar = tqdm(total=self.total, initial=self.count, unit="step",
-                            disable=not self.enabled, dynamic_ncols=True)
-
-    def expect(self, more: int) -> None:
-        """The steps still to come (from the current count on)."""
-        self.total = self.count + more
-        if self.bar is not None:
-            self.bar.total = self.total
-            self.bar.refresh()
-
-    def update(self, steps: int) -> None:
-        self.count += steps
-        if self.bar is not None:
-            self.bar.update(steps)
-
-    def write(self, line: str) -> None:
-        tqdm.write(line)
-        sys.stdout.flush()
-        self.start()
-
-    def set_postfix(self, **values) -> None:
-        self.start()
-        self.bar.set_postfix(**values)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def stopped(stop: StopSignals, work: WorkDir | None, what: str) -> str:
