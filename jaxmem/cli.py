@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "scores (Feldman & Zhang) to a run directory.",
         epilog="Exit status: 0 done; 2 bad input (one-line error); 75 stopped by SIGTERM or "
                "SIGUSR1 after checkpointing the step in progress (rerun the same command with "
-               "--resume); 130 interrupted by Ctrl-C (finished epochs kept; --resume).")
+               "--resume); 130 interrupted by Ctrl-C (checkpoints kept; --resume).")
     # A flag not given is absent from the namespace (SUPPRESS), so the dataset's recipe can
     # choose it (jaxmem/recipes.py); the help shows Config's default.
     for field in dataclasses.fields(Config):
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped: {stop}", file=sys.stderr)
             return EXIT_PREEMPTED
         except KeyboardInterrupt:
-            print("interrupted; no run directory was written; finished epochs are kept in "
+            print("interrupted; no run directory was written; its checkpoints are kept in "
                   f"{work_dir_for(out, args.grow)}: rerun with --resume", file=sys.stderr)
             return 130
         if jax.process_index() == 0:

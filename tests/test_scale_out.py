@@ -370,7 +370,9 @@ def test_a_second_run_on_one_output_is_refused_until_the_first_dies(npz, six, tm
                     six)
 
 
-def test_an_interrupted_grow_is_kept_until_resumed(npz, six, tmp_path, monkeypatch):
+@pytest.mark.parametrize("then", ["resume", "overwrite"])
+def test_an_interrupted_grow_is_kept_until_resumed_or_overwritten(npz, six, tmp_path,
+                                                                  monkeypatch, then):
     out = str(tmp_path / "grown")
     config = config_for(npz, **LAYOUT)
     run(dataclasses.replace(config, num_models=3), out, progress=False)
@@ -381,7 +383,13 @@ def test_an_interrupted_grow_is_kept_until_resumed(npz, six, tmp_path, monkeypat
                                         "--resume to continue it, or --overwrite"):
         run(config, out, grow=True, progress=False)
     assert contents(grow_work) == ([], {"checkpoint-models-3-6": STEPS + 1})
-    assert_same_run(load_run(run(config, out, grow=True, resume=True, progress=False)), six)
+    if then == "overwrite":  # --overwrite with --grow discards the grow's work (here made
+        # unreadable), never the run it grows
+        with open(os.path.join(grow_work, "checkpoint-models-3-6", f"{STEPS + 1}.npz"),
+                  "wb") as f:
+            f.write(b"not a checkpoint")
+    grown = run(config, out, grow=True, progress=False, **{then: True})
+    assert_same_run(load_run(grown), six)
 
 
 @pytest.mark.parametrize("grow", [False, True])
@@ -393,5 +401,5 @@ def test_ctrl_c_names_the_work_directory_it_keeps(npz, tmp_path, monkeypatch, ca
     out = str(tmp_path / "run")
     assert cli.main([*flags_for(npz), f"--out={out}", *(["--grow"] if grow else [])]) == 130
     kept = f"{out}.grow.partial" if grow else f"{out}.partial"
-    assert capsys.readouterr().err == ("interrupted; no run directory was written; finished "
-                                       f"epochs are kept in {kept}: rerun with --resume\n")
+    assert capsys.readouterr().err == ("interrupted; no run directory was written; its "
+                                       f"checkpoints are kept in {kept}: rerun with --resume\n")
