@@ -294,7 +294,8 @@ def resume_in_layouts(npz, six, out: str, sizes: tuple[int, ...]) -> None:
         assert not os.path.exists(work_dir_of(target))
 
 
-def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_in_any_layout(npz, six, tmp_path):
+def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_in_any_layout(npz, six, tmp_path,
+                                                                          monkeypatch):
     """A real SIGTERM in a child run at step 5: exit 75 with one line, wave 1 checkpointed at
     its first epoch's step 1, nothing else trained; resumed with waves of 2 (the checkpoint is
     continued in chunks: models 3, 4 then 5) and of 6, each equals the uninterrupted run."""
@@ -313,6 +314,17 @@ def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_in_any_layout(npz, s
     assert plan == 0 or output[plan - 1] == "\n"
     assert "%|" not in output[:plan] and "%|" in output[plan:]
     assert contents(work_dir_of(out)) == (["models-0-3.npz"], {"checkpoint-models-3-6": 1})
+
+    # stopped again while continuing it in chunks of 2: models 3, 4 then hold a newer
+    # checkpoint of their own, which a resume with waves of 6 continues (model 5: the old one)
+    chunked = str(tmp_path / "chunked")
+    shutil.copytree(work_dir_of(out), work_dir_of(chunked))
+    message = stop_at(monkeypatch, 2, config_for(npz, **{**LAYOUT, "models_per_wave": 2}),
+                      chunked, resume=True)
+    assert f"models 3..4 checkpointed at epoch 2, step 1 of {STEPS}" in message
+    assert contents(work_dir_of(chunked)) == (
+        ["models-0-3.npz"], {"checkpoint-models-3-5": STEPS + 1, "checkpoint-models-3-6": 1})
+    resume_in_layouts(npz, six, chunked, (6,))
     resume_in_layouts(npz, six, out, (2, 6))
 
 
