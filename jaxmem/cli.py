@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="experiments/run.py",
         description="Train an ensemble of models on random subsets and write memorization "
-                    "scores (Feldman & Zhang) to a run directory.")
+                    "scores (Feldman & Zhang) to a run directory.",
+        epilog="Exit status: 0 done; 2 bad input (one-line error); 75 stopped by SIGTERM or "
+               "SIGUSR1 after checkpointing the step in progress (rerun the same command with "
+               "--resume); 130 interrupted by Ctrl-C (checkpoints kept; --resume).")
     # A flag not given is absent from the namespace (SUPPRESS), so the dataset's recipe can
     # choose it (jaxmem/recipes.py); the help shows Config's default.
     for field in dataclasses.fields(Config):
@@ -40,9 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS,
                                 metavar=kind.__name__.upper(), help=help_text + default)
     parser.add_argument("--out", help="run directory (default: runs/ARCH-DATASET-kK-sSEED)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out and discard an interrupted run's work "
+                             "(with --grow: discard an interrupted grow's work, keeping --out)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted run from its checkpoints (<out>.partial)")
+                        help="continue an interrupted run from its checkpoints (<out>.partial; "
+                             "<out>.grow.partial with --grow), with any wave size")
     parser.add_argument("--grow", action="store_true",
                         help="add models to the finished run at --out (same settings, fewer "
                              "models) up to --num-models, or until --until-se is met")
@@ -132,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         from jaxmem import data, load_run
-        from jaxmem.train.runner import run
+        from jaxmem.train.preemption import EXIT_PREEMPTED, Preempted
+        from jaxmem.train.runner import run, work_dir_for
 
         if args.distributed:
             jax.distributed.initialize(args.coordinator_address, args.num_processes,
@@ -144,16 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         config, sources = recipes.resolve(given)
         slug = data.slug(config.dataset)
         out = args.out or f"runs/{config.arch}-{slug}-k{config.num_models}-s{config.seed}"
-        run(config, out, overwrite=args.overwrite, resume=args.resume,
-            progress=not args.no_progress, grow=args.grow, sources=sources)
+        try:
+            run(config, out, overwrite=args.overwrite, resume=args.resume,
+                progress=not args.no_progress, grow=args.grow, sources=sources)
+        except Preempted as stop:
+            print(f"stopped: {stop}", file=sys.stderr)
+            return EXIT_PREEMPTED
+        except KeyboardInterrupt:
+            print("interrupted; no run directory was written; its checkpoints are kept in "
+                  f"{work_dir_for(out, args.grow)}: rerun with --resume", file=sys.stderr)
+            return 130
         if jax.process_index() == 0:
             print(summary(out, load_run(out).metrics))
         return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        kept = f"; finished epochs are kept in {out}.partial: rerun with --resume" if out else ""
-        print(f"interrupted; no run directory was written{kept}", file=sys.stderr)
-        return 130
 

@@ -22,7 +22,7 @@ from jaxmem.masks import run_masks
 from jaxmem.train import lowering, waves
 from jaxmem.train.ensemble import map_models
 from jaxmem.train.loop import train_ensemble
-from jaxmem.train.waves import wave_slices
+from jaxmem.train.waves import WavePlan, padded_size
 
 DATASET = make(seed=2, sizes=(1, 2, 4, 8))  # 150 examples
 CONFIG = dict(arch="tiny_cnn", num_models=3, epochs=2, batch_size=64, eval_every=1, seed=3,
@@ -124,10 +124,17 @@ def test_forward_passes_on_their_own_lowering_equal_the_training_lowering():
     assert "convolution" in texts[1] and "while" in texts[1]
 
 
-def test_wave_slices_pad_to_the_device_count():
-    assert wave_slices(10, 4, 4) == [(0, 4, 4), (4, 8, 4), (8, 10, 4)]
-    assert wave_slices(5, 0, 2) == [(0, 5, 6)]
-    assert wave_slices(3, 1, 1) == [(0, 1, 1), (1, 2, 1), (2, 3, 1)]
+def test_waves_pad_to_the_device_count_and_keep_their_planned_size():
+    assert [padded_size(n, 4) for n in (4, 2, 1)] == [4, 4, 4]
+    assert padded_size(5, 2) == 6 and padded_size(3, 1) == 3
+    plan = WavePlan()
+    plan.memory = waves.MemoryPlan(wave_size=4, budget=waves.host_memory.Budget(1000, "test"),
+                                   devices=1, shared=True, baseline=None,
+                                   planned_bytes_per_model=None)
+    plan.size = 4
+    assert [plan(None, n) for n in (10, 6, 2)] == [4, 4, 2]
+    assert plan.finished(None, 4, remaining=6) is None  # nothing measured: the plan stands
+    assert plan(None, 6) == 4 and plan.record()["measured_peak_bytes_per_model"] is None
 
 
 FOUR_DEVICES = textwrap.dedent("""

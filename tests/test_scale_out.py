@@ -3,6 +3,8 @@ divergence, adaptive ensemble size, two processes on the loopback address."""
 
 import dataclasses
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,13 +14,16 @@ import time
 import numpy as np
 import pytest
 
-from jaxmem import estimator, load_run
+from jaxmem import cli, estimator, load_run
 from jaxmem.config import Config
 from jaxmem.data import load
 from jaxmem.data.synthetic import make
 from jaxmem.errors import UserError
 from jaxmem.rundir.merge import merge_runs
+from jaxmem.train import runner, waves
+from jaxmem.train.checkpoint import WorkDir
 from jaxmem.train.loop import DivergedError
+from jaxmem.train.preemption import EXIT_PREEMPTED, SIGNAL_AT_STEP, Preempted
 from jaxmem.train.runner import run, work_dir_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,10 +39,18 @@ def npz(tmp_path_factory):
     return str(path)
 
 
+BASE = {"arch": "tiny_cnn", "num_models": 4, "models_per_wave": 2, "epochs": 4, "eval_every": 2,
+        "batch_size": 64, "lr": 0.4, "translate": 0, "seed": 7, "min_count": 2}
+
+
 def config_for(npz, **changes):
-    base = Config(arch="tiny_cnn", dataset=npz, num_models=4, models_per_wave=2, epochs=4,
-                  eval_every=2, batch_size=64, translate=0, seed=7, min_count=2)
-    return dataclasses.replace(base, **changes)
+    return Config(**{**BASE, "dataset": npz, **changes})
+
+
+def flags_for(npz, **changes) -> list[str]:
+    """The command line of config_for(npz, **changes)."""
+    return [f"--{name.replace('_', '-')}={value}"
+            for name, value in {**BASE, "dataset": npz, **changes}.items()]
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +81,19 @@ def test_killed_run_refuses_changed_inputs_then_resumes_to_the_same_scores(
         npz, uninterrupted, tmp_path):
     out = str(tmp_path / "run")
     work = work_dir_of(out)
-    args = [sys.executable, RUN_PY, f"--dataset={npz}", "--num-models=4", "--models-per-wave=2",
-            "--epochs=4", "--eval-every=2", "--batch-size=64", "--lr=0.4", "--translate=0",
-            "--seed=7", "--min-count=2", "--checkpoint-seconds=0", f"--out={out}",
+    args = [sys.executable, RUN_PY, *flags_for(npz, checkpoint_seconds=0), f"--out={out}",
             "--no-progress"]
     child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    # SIGKILL as soon as the second wave has an epoch checkpoint: one wave done, one midway.
-    while not os.path.isdir(os.path.join(work, "checkpoint-wave-00001")):
+    # SIGKILL as soon as the second wave (models 2, 3) has committed its checkpoint after
+    # epoch 1 (2 steps): one wave done, one midway.
+    while not os.path.isfile(os.path.join(work, "checkpoint-models-2-4", "2.npz")):
         assert child.poll() is None, child.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert not os.path.exists(out) and os.path.exists(os.path.join(work, "wave-00000.npz"))
+    assert not os.path.exists(out) and os.path.exists(os.path.join(work, "models-0-2.npz"))
 
     with pytest.raises(UserError, match="--resume"):
         run(config_for(npz), out, progress=False)
@@ -203,18 +215,218 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_on_loopback_equal_a_single_process(npz, uninterrupted, tmp_path):
-    out, port = str(tmp_path / "two"), free_port()
+def test_two_processes_on_loopback_equal_a_single_process_after_a_sigterm(
+        npz, uninterrupted, tmp_path):
+    """SIGTERM reaches process 0 at its step 3: through the preemption sync point both
+    processes checkpoint at one agreed step (after the furthest one's next step) and exit 75;
+    resumed, the merged run equals a single process's."""
+    out = str(tmp_path / "two")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen(
-        [sys.executable, RUN_PY, f"--dataset={npz}", "--num-models=4", "--epochs=4",
-         "--eval-every=2", "--batch-size=64", "--lr=0.4", "--translate=0", "--seed=7",
-         "--min-count=2", f"--out={out}",
-         "--no-progress", "--distributed", f"--coordinator-address=127.0.0.1:{port}",
-         "--num-processes=2", f"--process-id={p}"], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for p in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
+
+    def both(*extra, hook="0"):
+        port = free_port()
+        procs = [subprocess.Popen(
+            [sys.executable, RUN_PY, *flags_for(npz, models_per_wave=0), f"--out={out}",
+             "--no-progress", "--distributed", f"--coordinator-address=127.0.0.1:{port}",
+             "--num-processes=2", f"--process-id={p}", *extra],
+            env=dict(env, **{SIGNAL_AT_STEP: hook if p == 0 else "0"}),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in range(2)]
+        outputs = [p.communicate(timeout=600) for p in procs]
+        return [p.returncode for p in procs], [o[1] for o in outputs]
+
+    codes, errors = both(hook="3")
+    assert codes == [EXIT_PREEMPTED] * 2, [e[-2000:] for e in errors]
+    stops = [re.fullmatch(rf"stopped: SIGTERM received: models {first}\.\.{first + 1} "
+                          r"checkpointed (at epoch \d, step 1 of 2|after epoch \d) in "
+                          rf"{out}\.parts/part-00{p}\.partial; rerun .*",
+                          errors[p].strip().splitlines()[-1])
+             for p, first in enumerate((0, 2))]
+    assert all(stops) and stops[0][1] == stops[1][1], errors  # one agreed step
+    codes, errors = both("--resume")
+    assert codes == [0, 0], [e[-2000:] for e in errors]
     merged = load_run(out)
     assert merged.metrics["num_models"] == 4
     assert_same_run(merged, uninterrupted, exact=False)
+
+
+# Interrupted runs below: 6 models in waves of 3, 2 epochs of 2 steps, evaluated after each.
+# Steps are counted per process from 1: wave 0 (models 0..2) is steps 1..4, wave 1 3..5: 5..8.
+LAYOUT = {"num_models": 6, "models_per_wave": 3, "epochs": 2, "eval_every": 1,
+          "checkpoint_seconds": 0}
+STEPS = 2  # per epoch: ceil(round(0.7 * 150) / 64)
+
+
+@pytest.fixture(scope="module")
+def six(npz, tmp_path_factory):
+    return load_run(run(config_for(npz, **LAYOUT), str(tmp_path_factory.mktemp("six") / "run"),
+                        progress=False))
+
+
+def contents(work: str) -> tuple[list[str], dict[str, int]]:
+    """(finished wave files, {checkpoint directory: its newest position in steps})."""
+    with WorkDir(work, {"fingerprints": {}}, resume=True) as opened:
+        checkpoints = {os.path.basename(os.path.dirname(c.path)): c.position
+                       for c in opened.checkpoints()}
+    return sorted(f for f in os.listdir(work) if f.endswith(".npz")), checkpoints
+
+
+def stop_at(monkeypatch, step, config: Config, out: str, **options) -> str:
+    """Run in this process; SIGTERM arrives at `step` ("STEP:SIGNAME": that signal);
+    returns the stop message."""
+    monkeypatch.setenv(SIGNAL_AT_STEP, str(step))
+    with pytest.raises(Preempted) as stopped:
+        run(config, out, progress=False, **options)
+    monkeypatch.delenv(SIGNAL_AT_STEP)
+    # the default handlers are back
+    assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    return str(stopped.value)
+
+
+def resume_in_layouts(npz, six, out: str, sizes: tuple[int, ...]) -> None:
+    """Resume copies of out's work directory with each wave size: each equals `six`."""
+    targets = [out] + [f"{out}-{size}" for size in sizes[1:]]
+    for target in targets[1:]:
+        shutil.copytree(work_dir_of(out), work_dir_of(target))
+    for target, size in zip(targets, sizes, strict=True):
+        resumed = load_run(run(config_for(npz, **{**LAYOUT, "models_per_wave": size}), target,
+                               resume=True, progress=False))
+        assert_same_run(resumed, six)
+        assert not os.path.exists(work_dir_of(target))
+
+
+def test_waves_replanned_from_their_measured_peak_change_no_result(npz, six, tmp_path,
+                                                                   monkeypatch, capsys):
+    """The memory plan changes the wave size after every wave (here 3, then 1, then 2): the
+    run equals the one trained in two waves of 3, and the log says why the size changed."""
+    sizes = iter([1, 2])
+    monkeypatch.setattr(waves.MemoryPlan, "wave_size_after",
+                        lambda self, peak, padded, remaining: min(next(sizes), remaining))
+    out = run(config_for(npz, **LAYOUT), str(tmp_path / "run"), progress=True)
+    assert_same_run(load_run(out), six)
+    log = "".join(capsys.readouterr())
+    assert "-> waves of up to 1 models" in log and "-> waves of up to 2 models" in log
+    plan = load_run(out).metrics["memory_plan"]
+    assert plan["models_per_wave"] == 3 and plan["budget_bytes"] > 0
+
+
+def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_in_any_layout(npz, six, tmp_path,
+                                                                          monkeypatch):
+    """A real SIGTERM in a child run at step 5: exit 75 with one line, wave 1 checkpointed at
+    its first epoch's step 1, nothing else trained; resumed with waves of 2 (the checkpoint is
+    continued in chunks: models 3, 4 then 5) and of 6, each equals the uninterrupted run."""
+    out = str(tmp_path / "run")
+    child = subprocess.run([sys.executable, RUN_PY, *flags_for(npz, **LAYOUT), f"--out={out}"],
+                           env=dict(os.environ, **{SIGNAL_AT_STEP: "5"}), text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    output = child.stdout
+    assert child.returncode == EXIT_PREEMPTED, output[-2000:]
+    assert output.strip().splitlines()[-1] == (
+        f"stopped: SIGTERM received: models 3..5 checkpointed at epoch 1, step 1 of {STEPS} in "
+        f"{work_dir_of(out)}; rerun the same command with --resume to continue (exit status "
+        "75)")
+    # the plan has a line of its own, before the progress bar draws anything
+    plan = output.index("plan: 6 models in 2 wave(s)")
+    assert plan == 0 or output[plan - 1] == "\n"
+    assert "%|" not in output[:plan] and "%|" in output[plan:]
+    assert contents(work_dir_of(out)) == (["models-0-3.npz"], {"checkpoint-models-3-6": 1})
+
+    # stopped again while continuing it in chunks of 2: models 3, 4 then hold a newer
+    # checkpoint of their own, which a resume with waves of 6 continues (model 5: the old one)
+    chunked = str(tmp_path / "chunked")
+    shutil.copytree(work_dir_of(out), work_dir_of(chunked))
+    message = stop_at(monkeypatch, 2, config_for(npz, **{**LAYOUT, "models_per_wave": 2}),
+                      chunked, resume=True)
+    assert f"models 3..4 checkpointed at epoch 2, step 1 of {STEPS}" in message
+    assert contents(work_dir_of(chunked)) == (
+        ["models-0-3.npz"], {"checkpoint-models-3-5": STEPS + 1, "checkpoint-models-3-6": 1})
+    resume_in_layouts(npz, six, chunked, (6,))
+    resume_in_layouts(npz, six, out, (2, 6))
+
+
+def test_every_checkpoint_kind_resumes_with_other_wave_sizes(npz, six, tmp_path, monkeypatch):
+    config = config_for(npz, **LAYOUT)
+    # SIGTERM at the last step of epoch 1: the epoch ends and is evaluated, then checkpointed
+    out = str(tmp_path / "boundary")
+    assert "models 0..2 checkpointed after epoch 1" in stop_at(monkeypatch, STEPS, config, out)
+    assert contents(work_dir_of(out)) == ([], {"checkpoint-models-0-3": STEPS})
+    with pytest.raises(UserError, match="settings fingerprint differs"):
+        run(dataclasses.replace(config, lr=0.2), out, resume=True, progress=False)
+    resume_in_layouts(npz, six, out, (3,))
+
+    # SIGUSR1 at the last step of wave 0: it finishes, then the run stops between waves;
+    # resumed with waves of 2 and of 6, only models 3..5 train
+    out = str(tmp_path / "between")
+    message = stop_at(monkeypatch, f"{2 * STEPS}:SIGUSR1", config, out)
+    assert message.startswith("SIGUSR1 received: finished models are saved")
+    assert contents(work_dir_of(out)) == (["models-0-3.npz"], {})
+    with pytest.raises(UserError, match="masks fingerprint differs"):
+        run(dataclasses.replace(config, subset_ratio=0.6), out, resume=True, progress=False)
+    resume_in_layouts(npz, six, out, (2, 6))
+
+
+def stopped_state(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_second_run_on_one_output_is_refused_until_the_first_dies(npz, six, tmp_path):
+    """The first run holds its work directory's lock: a second is refused in one line (exit
+    2); SIGKILLed, it leaves a lock that does not block --resume, which continues its last
+    checkpoint."""
+    out = str(tmp_path / "run")
+    work = work_dir_of(out)
+    args = [sys.executable, RUN_PY, *flags_for(npz, **LAYOUT), f"--out={out}", "--no-progress"]
+    # the child stops itself (SIGSTOP) at step 7: alive, holding its lock, wave 1 checkpointed
+    # after its first epoch
+    child = subprocess.Popen(args, env=dict(os.environ, **{SIGNAL_AT_STEP: "7:SIGSTOP"}),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while not stopped_state(child.pid):
+        assert child.poll() is None, child.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 2
+    assert second.stderr.strip() == (f"error: another run is writing {work} (it holds its "
+                                     "lock); wait for it to finish or stop it first")
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert os.path.exists(os.path.join(work, "lock"))
+    assert contents(work) == (["models-0-3.npz"], {"checkpoint-models-3-6": STEPS})
+    assert_same_run(load_run(run(config_for(npz, **LAYOUT), out, resume=True, progress=False)),
+                    six)
+
+
+@pytest.mark.parametrize("then", ["resume", "overwrite"])
+def test_an_interrupted_grow_is_kept_until_resumed_or_overwritten(npz, six, tmp_path,
+                                                                  monkeypatch, then):
+    out = str(tmp_path / "grown")
+    config = config_for(npz, **LAYOUT)
+    run(dataclasses.replace(config, num_models=3), out, progress=False)
+    message = stop_at(monkeypatch, STEPS + 1, config, out, grow=True)
+    grow_work = work_dir_of(out + ".grow")
+    assert f"checkpointed at epoch 2, step 1 of {STEPS} in {grow_work};" in message
+    with pytest.raises(UserError, match=f"interrupted run was found in {grow_work}; pass "
+                                        "--resume to continue it, or --overwrite"):
+        run(config, out, grow=True, progress=False)
+    assert contents(grow_work) == ([], {"checkpoint-models-3-6": STEPS + 1})
+    if then == "overwrite":  # --overwrite with --grow discards the grow's work (here made
+        # unreadable), never the run it grows
+        with open(os.path.join(grow_work, "checkpoint-models-3-6", f"{STEPS + 1}.npz"),
+                  "wb") as f:
+            f.write(b"not a checkpoint")
+    grown = run(config, out, grow=True, progress=False, **{then: True})
+    assert_same_run(load_run(grown), six)
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_ctrl_c_names_the_work_directory_it_keeps(npz, tmp_path, monkeypatch, capsys, grow):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    out = str(tmp_path / "run")
+    assert cli.main([*flags_for(npz), f"--out={out}", *(["--grow"] if grow else [])]) == 130
+    kept = f"{out}.grow.partial" if grow else f"{out}.partial"
+    assert capsys.readouterr().err == ("interrupted; no run directory was written; its "
+                                       f"checkpoints are kept in {kept}: rerun with --resume\n")

@@ -8,11 +8,15 @@ where it stopped and gives the same results.
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
+import math
+import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxmem import estimator, keys, models
 from jaxmem.canaries import real_examples
@@ -22,12 +26,14 @@ from jaxmem.errors import UserError
 from jaxmem.rundir import EnsembleResult, Run, diverged_models
 from jaxmem.rundir.record import TIMED_PARTS
 from jaxmem.train import lowering
-from jaxmem.train.checkpoint import WorkDir
+from jaxmem.train.checkpoint import Checkpoint, WorkDir
 from jaxmem.train.ensemble import Ensemble, make_mesh
 from jaxmem.train.optim import make_optimizer
 from jaxmem.train.orders import model_orders, steps_per_epoch
-from jaxmem.train.step import StepSpec
-from jaxmem.train.waves import peak_memory, plan_memory, reset_peak_memory, wave_slices
+from jaxmem.train.preemption import EXIT_PREEMPTED, Preempted, StopSignals
+from jaxmem.train.progress import Progress
+from jaxmem.train.step import StepSpec, StepTotals
+from jaxmem.train.waves import WavePlan, padded_size, peak_memory, reset_peak_memory
 
 # Steps timed after the first (which compiles) for the plan's projected time.
 PLAN_WARMUP_STEPS = 3
@@ -71,6 +77,7 @@ class Trainer:
         self.x_test, self.y_test = put(dataset.x_test), put(dataset.y_test)
         self.eval_epochs = config.eval_epochs()
         self.plan = None  # called once with the seconds per step measured after compiling
+        self._plan_clock = None  # (start, steps timed) while timing steps for the plan
 
     def empty_wave(self, count: int) -> dict[str, np.ndarray]:
         e, epochs = len(self.eval_epochs), self.config.epochs
@@ -78,88 +85,167 @@ class Trainer:
                 "correct_test": np.zeros((e, count, self.dataset.num_test), bool),
                 "train_loss": np.zeros((epochs, count)),
                 "train_batch_acc": np.zeros((epochs, count)),
-                "epochs_done": np.int64(0), **{f"{part}_seconds": np.float64(0)
-                                               for part in TIMED_PARTS}}
+                **{f"{part}_seconds": np.float64(0) for part in TIMED_PARTS}}
 
-    def train_wave(self, wave: int, indices: np.ndarray, masks: np.ndarray, padded: int,
-                   bar, work: WorkDir | None) -> dict[str, np.ndarray]:
-        """Train the models `indices` (masks [m, N]) as one wave padded to `padded` models
-        (padding repeats the last model; its results are dropped). Returns the wave's arrays."""
+    def train_wave(self, indices: np.ndarray, masks: np.ndarray, progress: Progress,
+                   stop: StopSignals, work: WorkDir | None = None,
+                   checkpoint: Checkpoint | None = None) -> dict[str, np.ndarray]:
+        """Train the models `indices` (consecutive model indices, masks [m, N]) as one wave,
+        padded to a multiple of the device count (padding repeats the last model; its results
+        are dropped), continuing `checkpoint` (which holds them all) if given. Returns the
+        wave's arrays. On a stop signal the wave is checkpointed at the step it reached and
+        `Preempted` is raised."""
         config, ensemble = self.config, self.ensemble
         reset_peak_memory()
-        rows = np.minimum(np.arange(padded), len(indices) - 1)
+        rows = np.minimum(np.arange(padded_size(len(indices), ensemble.num_devices)),
+                          len(indices) - 1)
         wave_indices = indices[rows]
         # [padded, N] on the devices of their models: the source of every epoch's orders
         wave_masks = jax.device_put(masks[rows], ensemble.model_sharding)
-        init_keys = jax.random.key_data(keys.model_keys(config.seed, keys.INIT, wave_indices))
-        states = ensemble.init(jax.device_put(init_keys, ensemble.model_sharding))
-        if config.init_from:
-            states = self._load_pretrained(states)
-        result = self.empty_wave(len(indices))
-        restored = work.restore_epoch(wave, states, result) if work else None
-        if restored is not None:
-            epochs_done, states, result = restored
-            bar.update(int(epochs_done) * self.steps)
+        if checkpoint is None:
+            init_keys = jax.random.key_data(keys.model_keys(config.seed, keys.INIT, wave_indices))
+            states = ensemble.init(jax.device_put(init_keys, ensemble.model_sharding))
+            if config.init_from:
+                states = self._load_pretrained(states)
+            totals, result, position = ensemble.zero_totals(len(rows)), self.empty_wave(
+                len(indices)), 0
+        else:
+            states, totals, result = self._restore(work, checkpoint, indices, rows)
+            position = checkpoint.position
+        progress.update(position)
+        models = range(int(indices[0]), int(indices[-1]) + 1)
         aug_base = keys.model_keys(config.seed, keys.AUGMENT, wave_indices)
-        saved = time.perf_counter()
-        for epoch in range(int(result["epochs_done"]), config.epochs):
-            states = self._train_epoch(states, epoch, wave_indices, wave_masks, aug_base,
-                                       result, bar)
+        saved, compiling = time.perf_counter(), True
+        epoch, first_step = divmod(position, self.steps)
+        while epoch < config.epochs:
+            states, totals, step = self._train_epoch(states, totals, epoch, first_step,
+                                                     wave_indices, wave_masks, aug_base,
+                                                     result, progress, stop, compiling)
+            compiling = False
+            if step < self.steps:  # stopped inside the epoch
+                self._checkpoint(work, models, epoch * self.steps + step, states, totals,
+                                 result)
+                raise Preempted(stopped(stop, work, f"models {models.start}..{models.stop - 1} "
+                                        f"checkpointed at epoch {epoch + 1}, step {step} of "
+                                        f"{self.steps}"))
             self._check_finite(epoch, indices, result, work)
             if epoch + 1 in self.eval_epochs:
                 orders = model_orders(config.seed, wave_indices, wave_masks, epoch, self.steps,
                                       config.batch_size, ensemble.model_sharding)
                 self._evaluate(states, orders, self.eval_epochs.index(epoch + 1), result)
-            result["epochs_done"] = np.int64(epoch + 1)
-            if work and epoch + 1 < config.epochs and (
-                    time.perf_counter() - saved >= config.checkpoint_seconds):
-                tic = time.perf_counter()
-                work.save_epoch(wave, epoch + 1, states, result)
-                saved = time.perf_counter()
-                result["checkpoint_seconds"] += saved - tic
             losses = result["train_loss"][epoch]
             loss = np.nanmean(losses) if np.isfinite(losses).any() else np.nan
-            bar.set_postfix(wave=wave + 1, epoch=epoch + 1, loss=f"{loss:.3f}",
-                            acc=f"{result['train_batch_acc'][epoch].mean():.3f}")
+            progress.set_postfix(models=f"{models.start}..{models.stop - 1}", epoch=epoch + 1,
+                                 loss=f"{loss:.3f}",
+                                 acc=f"{result['train_batch_acc'][epoch].mean():.3f}")
+            epoch, first_step = epoch + 1, 0
+            totals = ensemble.zero_totals(len(rows))
+            if epoch == config.epochs:
+                break
+            if work and (stop.stopping or
+                         time.perf_counter() - saved >= config.checkpoint_seconds):
+                saved = self._checkpoint(work, models, epoch * self.steps, states, totals,
+                                         result)
+            if stop.stopping:
+                raise Preempted(stopped(stop, work, f"models {models.start}..{models.stop - 1} "
+                                        f"checkpointed after epoch {epoch}"))
         result["peak_memory_bytes"] = np.int64(peak_memory(self.mesh.devices.flat) or -1)
         return result
 
-    def _train_epoch(self, states, epoch: int, wave_indices, wave_masks, aug_base, result, bar):
-        """One epoch of every model of the wave; writes its losses and batch accuracies."""
+    def _checkpoint(self, work: WorkDir | None, models: range, position: int, states, totals,
+                    result) -> float:
+        """Save the wave in progress (its real models' rows, from host memory, so that it
+        restores on any layout) after `position` steps; returns the time it finished."""
+        if work is None:
+            raise ValueError("a stop signal was handled without a work directory")
+        tic = time.perf_counter()
+        real = len(models)
+        host = lambda tree: jax.tree.map(lambda a: np.asarray(a)[:real], jax.device_get(tree))  # noqa: E731
+        partial = {**result, **{f"totals_{name}": value for name, value in
+                                host(totals)._asdict().items()}}
+        work.save_checkpoint(models, position, host(states), partial)
+        done = time.perf_counter()
+        result["checkpoint_seconds"] += done - tic
+        return done
+
+    def _restore(self, work: WorkDir, checkpoint: Checkpoint, indices: np.ndarray, rows):
+        """(states, totals, partial results) of the models `indices` (all held by
+        `checkpoint`) laid out as this wave's rows; the checkpoint's seconds are shared out
+        by model."""
+        shapes = jax.eval_shape(self.ensemble.init, jax.ShapeDtypeStruct(
+            (self.ensemble.num_devices, 2), jnp.uint32))
+        totals_names = [f"totals_{name}" for name in StepTotals._fields]
+        states, partial = work.restore_checkpoint(
+            checkpoint, shapes, [*WAVE_ARRAYS, *totals_names,
+                                 *(f"{part}_seconds" for part in TIMED_PARTS)])
+        picked = indices - checkpoint.models.start  # rows of the checkpoint
+        put = lambda a: jax.device_put(a[picked[rows]], self.ensemble.model_sharding)  # noqa: E731
+        totals = StepTotals(*(put(partial[name]) for name in totals_names))
+        result = {name: partial[name][:, picked] for name in WAVE_ARRAYS}
+        share = len(indices) / len(checkpoint.models)
+        result.update({f"{part}_seconds": partial[f"{part}_seconds"] * share
+                       for part in TIMED_PARTS})
+        return jax.tree.map(put, states), totals, result
+
+    def _train_epoch(self, states, totals, epoch: int, first_step: int, wave_indices,
+                     wave_masks, aug_base, result, progress, stop, compiling: bool):
+        """Steps first_step.. of one epoch of every model of the wave; at its end writes its
+        losses and batch accuracies. Returns (states, totals, the step reached): below
+        self.steps where a stop signal ended the epoch early."""
         config, ensemble = self.config, self.ensemble
         tic = time.perf_counter()
         aug_keys = jax.device_put(jax.random.key_data(jax.vmap(
             lambda k: jax.random.fold_in(k, epoch))(aug_base)), ensemble.model_sharding)
         orders = model_orders(config.seed, wave_indices, wave_masks, epoch, self.steps,
                               config.batch_size, ensemble.model_sharding)
-        totals = ensemble.zero_totals(len(wave_indices))
         in_flight = collections.deque()
-        timed = min(PLAN_WARMUP_STEPS, self.steps - 1)  # steps after the compiling one
-        first = not result["compile_seconds"]  # this wave's step is not compiled yet
-        for step in range(self.steps):
+        warm = tic
+        self._plan_clock = None  # plan timing stays within one epoch
+        for step in range(first_step, self.steps):
             states, totals = ensemble.train_step(states, totals, orders, aug_keys,
                                                  self.x_train, self.y_train, step)
-            if first and step == 0:
+            if compiling and step == first_step:  # this wave's first step compiles
                 jax.block_until_ready(totals)
                 warm = time.perf_counter()
                 result["compile_seconds"] += warm - tic
-            if self.plan is not None and first and step == timed > 0:
-                jax.block_until_ready(totals)
-                self.plan((time.perf_counter() - warm) / timed)
-                self.plan = None
+            self._time_plan(totals)
             # Wait on the totals of two steps back: the bar shows real progress without a
             # sync every step.
             in_flight.append(totals)
             if len(in_flight) > 2:
                 jax.block_until_ready(in_flight.popleft())
-            bar.update(1)
+            progress.update(1)
+            if stop.after_step() and step + 1 < self.steps:
+                result["train_seconds"] += time.perf_counter() - warm
+                return states, totals, step + 1
         real = result["train_loss"].shape[1]
-        totals = jax.tree.map(lambda t: np.asarray(t)[:real], totals)
-        result["train_seconds"] += time.perf_counter() - (warm if first else tic)
-        examples = np.maximum(totals.examples, 1.0)
-        result["train_loss"][epoch] = totals.loss_sum / examples
-        result["train_batch_acc"][epoch] = totals.correct / examples
-        return states
+        finished = jax.tree.map(lambda t: np.asarray(t)[:real], totals)
+        self._time_plan(None)
+        result["train_seconds"] += time.perf_counter() - warm
+        examples = np.maximum(finished.examples, 1.0)
+        result["train_loss"][epoch] = finished.loss_sum / examples
+        result["train_batch_acc"][epoch] = finished.correct / examples
+        return states, totals, self.steps
+
+    def _time_plan(self, totals) -> None:
+        """Time PLAN_WARMUP_STEPS steps after a first (compiling) one for the plan line;
+        totals None: the epoch ended, use the steps timed so far."""
+        if self.plan is None:
+            return
+        if self._plan_clock is None:
+            if totals is not None:
+                jax.block_until_ready(totals)
+                self._plan_clock = (time.perf_counter(), 0)
+            return
+        start, count = self._plan_clock
+        count += totals is not None
+        if count and (count == PLAN_WARMUP_STEPS or totals is None):
+            if totals is not None:
+                jax.block_until_ready(totals)
+            self.plan((time.perf_counter() - start) / count)
+            self.plan = None
+        else:
+            self._plan_clock = (start, count)
 
     def _check_finite(self, epoch: int, indices, result, work: WorkDir | None) -> None:
         bad = ~np.isfinite(result["train_loss"][epoch])
@@ -192,10 +278,25 @@ class Trainer:
         return states._replace(params=jax.device_put(params, self.ensemble.model_sharding))
 
 
+def stopped(stop: StopSignals, work: WorkDir | None, what: str) -> str:
+    """The one line printed when a stop signal ended training."""
+    where = f" in {work.path}" if work else ""
+    return (f"{stop.received or 'stop signal'} received: {what}{where}; rerun the same command "
+            f"with --resume to continue (exit status {EXIT_PREEMPTED})")
+
+
 def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=None,
                    progress: bool = True, work: WorkDir | None = None,
                    prior: Run | None = None, canary_index=()) -> EnsembleResult:
     """Train the models config.model_indices(), whose subsets are the rows of masks [K, N].
+
+    Models finished in `work` are reused by model index and a checkpoint of a wave in
+    progress is continued at the step it reached, whatever the wave layout now; only the
+    remaining models train. A checkpoint of more models than the wave size now allows is
+    continued in chunks of that size (restored on the host): a smaller size is what a resume
+    after running out of memory asks for. The size of every wave comes from a `WavePlan`: the
+    memory budget, planned again after every wave from its measured peak. With a work
+    directory, SIGTERM and SIGUSR1 checkpoint the step in progress and raise `Preempted`.
 
     With config.until_se, waves stop as soon as every real example's (canaries left out)
     standard error is below it, counting the models of `prior` (a finished run these models
@@ -206,58 +307,95 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
         raise ValueError(f"masks {masks.shape} do not match {len(indices)} models x "
                          f"{dataset.num_train} examples")
     trainer = Trainer(config, dataset, devices)
-    memory = plan_memory(trainer, len(indices))
-    waves = wave_slices(len(indices), memory.wave_size, trainer.ensemble.num_devices)
-    bar = tqdm(total=len(waves) * config.epochs * trainer.steps, unit="step",
-               disable=not progress, dynamic_ncols=True)
-    bar.write(memory.line())
-    trainer.plan = lambda seconds: bar.write(plan_line(config, trainer, waves, seconds))
-    done = []
+    wave_size = WavePlan()
+    row_of = {int(k): row for row, k in enumerate(indices)}
+    done = work.finished() if work else []
+    for arrays in done:
+        arrays["masks"] = masks[[row_of[int(k)] for k in arrays["model_indices"]]]
+    finished = {int(k) for arrays in done for k in arrays["model_indices"]}
+    todo = [int(k) for k in indices if int(k) not in finished]
     before = [] if prior is None else [{
         "masks": np.asarray(prior.masks), "correct_train": prior.correct_train[None],
         "train_loss": prior.train_loss}]
-    for wave, (start, stop, padded) in enumerate(waves):
-        arrays = work.load_wave(wave) if work else None
-        if arrays is None:
-            arrays = trainer.train_wave(wave, indices[start:stop], masks[start:stop], padded,
-                                        bar, work)
+    bar = Progress(progress)
+    if done:
+        bar.write(f"resume: {len(finished)} finished models reused")
+    active = work is not None and threading.current_thread() is threading.main_thread()
+    first_wave = True
+    with StopSignals(active) as stop, contextlib.closing(bar):
+        while todo and not (config.until_se is not None and done and
+                            below_target_se(before + done, config, bar)):
+            if stop.stopping:
+                raise Preempted(stopped(stop, work, "finished models are saved"))
+            size = wave_size(trainer, len(todo))
+            if first_wave and wave_size.memory is not None:
+                bar.write(wave_size.memory.line())
+            checkpoint = resumable(work, todo)
+            wave = np.asarray([k for k in todo if checkpoint is None or k in checkpoint.models]
+                              [:size])
+            if checkpoint is None:  # stop before models that a checkpoint holds
+                held = [k for c in work.checkpoints() for k in c.models] if work else []
+                wave = wave[:next((i for i, k in enumerate(wave) if k in held), len(wave))]
+            bar.expect(math.ceil(len(todo) / size) * config.epochs * trainer.steps)
+            if first_wave:  # the plan of this invocation, printed once a step is timed
+                first_wave = False
+                trainer.plan = functools.partial(write_plan, bar, config, trainer, len(todo),
+                                                 size)
+            arrays = trainer.train_wave(wave, masks[[row_of[k] for k in wave]], bar, stop,
+                                        work, checkpoint)
+            arrays["model_indices"] = wave
             if work:
-                work.save_wave(wave, arrays)
-        else:
-            bar.update(config.epochs * trainer.steps)
-        done.append(arrays)
-        arrays["masks"] = masks[start:stop]
-        if config.until_se is not None and below_target_se(before + done, config, canary_index):
-            bar.write(f"every standard error is below {config.until_se} after "
-                      f"{sum(len(w['masks']) for w in before) + stop} models")
-            break
-    bar.close()
-    used = sum(a["train_loss"].shape[1] for a in done)
-    stacked = {name: np.concatenate([a[name] for a in done], axis=1) for name in WAVE_ARRAYS}
-    peaks = [int(a["peak_memory_bytes"]) if a["peak_memory_bytes"] >= 0 else None for a in done]
+                work.save_finished(arrays)
+            arrays["masks"] = masks[[row_of[k] for k in wave]]
+            done.append(arrays)
+            todo = [k for k in todo if k not in set(wave.tolist())]
+            peak = int(arrays["peak_memory_bytes"])
+            replanned = wave_size.finished(peak if peak >= 0 else None,
+                                           padded_size(len(wave), trainer.ensemble.num_devices),
+                                           len(todo))
+            if replanned:
+                bar.write(replanned)
+    everything = {name: np.concatenate([a[name] for a in done], axis=1) for name in WAVE_ARRAYS}
+    models = np.concatenate([a["model_indices"] for a in done]).astype(int)
+    order = np.argsort(models)
+    stacked = {name: array[:, order] for name, array in everything.items()}
     return EnsembleResult(
-        indices[:used], masks[:used], trainer.eval_epochs, stacked["correct_train"],
-        stacked["correct_test"], stacked["train_loss"], stacked["train_batch_acc"],
+        models[order], masks[[row_of[k] for k in models[order]]], trainer.eval_epochs,
+        stacked["correct_train"], stacked["correct_test"], stacked["train_loss"],
+        stacked["train_batch_acc"],
         {part: float(sum(a[f"{part}_seconds"] for a in done)) for part in TIMED_PARTS},
         [str(d) for d in trainer.mesh.devices.flat],
-        peaks, memory.record(peaks, [padded for _, _, padded in waves[:len(done)]]))
+        [int(a["peak_memory_bytes"]) if a["peak_memory_bytes"] >= 0 else None for a in done],
+        wave_size.record())
 
 
-def plan_line(config: Config, trainer: Trainer, waves: list, seconds_per_step: float) -> str:
+def resumable(work: WorkDir | None, todo: list[int]) -> Checkpoint | None:
+    """The checkpoint to continue next: the furthest one holding the first model to train."""
+    held = [c for c in (work.checkpoints() if work else []) if todo[0] in c.models]
+    return max(held, key=lambda c: c.position, default=None)
+
+
+def write_plan(bar: Progress, *plan) -> None:
+    """The plan line, then the progress bar below it."""
+    bar.write(plan_line(*plan))
+    bar.start()
+
+
+def plan_line(config: Config, trainer: Trainer, models: int, per_wave: int,
+              seconds_per_step: float) -> str:
     """The run's plan and its projected training time from a measured step."""
-    steps = len(waves) * config.epochs * trainer.steps
-    seconds = steps * seconds_per_step
+    waves = math.ceil(models / per_wave)
+    seconds = waves * config.epochs * trainer.steps * seconds_per_step
     projected = (f"{seconds / 3600:.1f} h" if seconds >= 3600 else
                  f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s")
-    size = max(stop - start for start, stop, _ in waves)
-    return (f"plan: {sum(stop - start for start, stop, _ in waves)} models in {len(waves)} "
-            f"wave(s) of up to {size} on {trainer.mesh.size} device(s); {config.epochs} epochs "
-            f"x {trainer.steps} steps of {config.batch_size} per model, evaluated at "
-            f"{len(trainer.eval_epochs)} epochs; {seconds_per_step:.3f} s per step after "
-            f"compiling -> about {projected} of training")
+    return (f"plan: {models} models in {waves} wave(s) of up to {per_wave} on "
+            f"{trainer.mesh.size} device(s); {config.epochs} epochs x {trainer.steps} steps "
+            f"of {config.batch_size} per model, evaluated at {len(trainer.eval_epochs)} "
+            f"epochs; {seconds_per_step:.3f} s per step after compiling -> about {projected} "
+            "of training")
 
 
-def below_target_se(waves: list[dict], config: Config, canary_index=()) -> bool:
+def below_target_se(waves: list[dict], config: Config, bar: Progress, canary_index=()) -> bool:
     """Is the largest per-example standard error (last evaluated epoch) of the models of
     `waves` (each with masks [m, N], correct_train [E, m, N], train_loss [epochs, m]) below
     --until-se? Excluded (diverged) models and the canaries do not count."""
@@ -268,4 +406,8 @@ def below_target_se(waves: list[dict], config: Config, canary_index=()) -> bool:
     real = real_examples(masks.shape[1], canary_index)
     scores = estimator.memorization_scores(masks[keep][:, real], correct[keep][:, real],
                                            config.min_count)
-    return not scores["low_count"].any() and np.nanmax(scores["memorization_se"]) < config.until_se
+    below = (not scores["low_count"].any()
+             and np.nanmax(scores["memorization_se"]) < config.until_se)
+    if below:
+        bar.write(f"every standard error is below {config.until_se} after {len(masks)} models")
+    return below

@@ -39,7 +39,7 @@ from jaxmem.train import lowering
 from jaxmem.train.checkpoint import WorkDir
 from jaxmem.train.loop import train_ensemble
 
-VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "jaxmem")
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "jaxmem")
 
 
 def library_versions() -> dict[str, str]:
@@ -56,6 +56,25 @@ def work_dir_of(out: str) -> str:
     return os.path.abspath(out).rstrip(os.sep) + ".partial"
 
 
+def grow_part_of(out: str) -> str:
+    """Where `--grow` trains the models it adds to `out` (a part, merged in at the end)."""
+    return os.path.abspath(out).rstrip(os.sep) + ".grow"
+
+
+def work_dir_for(out: str, grow: bool) -> str:
+    """The work directory a run of `out` keeps its finished work in (this process's)."""
+    if grow:
+        return work_dir_of(grow_part_of(out))
+    if jax.process_count() > 1:
+        return work_dir_of(part_of(out, jax.process_index()))
+    return work_dir_of(out)
+
+
+def part_of(out: str, process: int) -> str:
+    """The part directory of one process of a multi-process run."""
+    return os.path.join(os.path.abspath(out).rstrip(os.sep) + ".parts", f"part-{process:03d}")
+
+
 def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
         progress: bool = True, grow: bool = False, sources: dict[str, str] | None = None
         ) -> str:
@@ -67,8 +86,9 @@ def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
     sources: where each setting came from (flag, recipe, default), recorded in config.json.
     """
     provenance_extra = {"setting_sources": sources or {}}
-    if overwrite and (resume or grow):
-        raise UserError("--overwrite excludes --resume and --grow")
+    if overwrite and resume:
+        raise UserError("--overwrite excludes --resume (--overwrite starts again, --resume "
+                        "continues)")
     lowering.resolve(config.conv_impl, config.ensemble)  # bad names fail before any work
     models.create(config.arch, 2, dtype=config.dtype)
     if config.until_se is not None and (config.model_range or jax.process_count() > 1):
@@ -76,7 +96,7 @@ def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
                         "does not see; merge the parts, then add models to the merged run "
                         "with --grow --until-se")
     if grow:
-        return grow_run(config, out, resume, progress, provenance_extra)
+        return grow_run(config, out, resume, progress, provenance_extra, overwrite)
     check_output_dir(out, overwrite)
     if jax.process_count() > 1:
         return run_multiprocess(config, out, overwrite, resume, progress, provenance_extra)
@@ -104,24 +124,25 @@ def train_and_evaluate(config: Config, out: str, overwrite: bool = False,
             f"refusing to add models to {prior.path} (only --num-models, --until-se and "
             "execution settings may change)")
     masks = run_masks(config, dataset.num_train)
-    if overwrite:
-        shutil.rmtree(work_dir_of(out), ignore_errors=True)
-    work = WorkDir(work_dir_of(out), {"settings": config.to_dict(), "fingerprints": {
-        **info.fingerprints, **result_fingerprints(masks, config.to_dict())}}, resume)
-    result = train_ensemble(config, dataset, masks, progress=progress, work=work, prior=prior,
-                            canary_index=planted.index)
-    write_run(out, config.to_dict(), info, result, time.perf_counter() - started,
-              {**provenance(config, info), **(recorded or {})})
-    work.remove()
+    with WorkDir(work_dir_of(out), {"settings": config.to_dict(), "fingerprints": {
+            **info.fingerprints, **result_fingerprints(masks, config.to_dict())}}, resume,
+            overwrite) as work:
+        result = train_ensemble(config, dataset, masks, progress=progress, work=work,
+                                prior=prior, canary_index=planted.index)
+        write_run(out, config.to_dict(), info, result, time.perf_counter() - started,
+                  {**provenance(config, info), **(recorded or {})})
+        work.remove()
     return out
 
 
 def grow_run(config: Config, out: str, resume: bool, progress: bool,
-             recorded: dict | None = None) -> str:
+             recorded: dict | None = None, overwrite: bool = False) -> str:
     """Add models to the finished run `out` (models 0..K_old-1) up to config.num_models, or
     with --until-se until every standard error is below the target: only the new models are
     trained (as a part in `<out>.grow`, resumable), then merged into `out`. Model k depends on
-    (seed, k) alone, so the result equals a fresh run with the larger K."""
+    (seed, k) alone, so the result equals a fresh run with the larger K. An interrupted grow
+    is continued with `resume` or discarded with `overwrite` (`out` itself is kept either
+    way)."""
     if not os.path.isdir(out):
         raise UserError(f"--grow: there is no run directory {out!r} to add models to")
     existing = load_run(out, all_models=True)
@@ -131,10 +152,10 @@ def grow_run(config: Config, out: str, resume: bool, progress: bool,
     if config.num_models <= have:
         raise UserError(f"--grow: {out} already holds {have} models; give --num-models above "
                         "that")
-    part = os.path.abspath(out).rstrip(os.sep) + ".grow"
+    part = grow_part_of(out)
     if not os.path.exists(os.path.join(part, "metrics.json")):
         train_and_evaluate(dataclasses.replace(config, model_range=f"{have}:{config.num_models}"),
-                           part, overwrite=not resume, resume=resume, progress=progress,
+                           part, overwrite=overwrite, resume=resume, progress=progress,
                            prior=existing, recorded=recorded)
     merge_runs([out, part], out, overwrite=True)
     shutil.rmtree(part)
@@ -168,8 +189,7 @@ def run_multiprocess(config: Config, out: str, overwrite: bool, resume: bool,
     count, me = jax.process_count(), jax.process_index()
     indices = config.model_indices()
     bounds = np.linspace(indices.start, indices.stop, count + 1).round().astype(int)
-    parts_dir = os.path.abspath(out).rstrip(os.sep) + ".parts"
-    parts = [os.path.join(parts_dir, f"part-{p:03d}") for p in range(count)]
+    parts = [part_of(out, p) for p in range(count)]
     mine = dataclasses.replace(config, model_range=f"{bounds[me]}:{bounds[me + 1]}")
     if not (resume and os.path.exists(os.path.join(parts[me], "metrics.json"))):
         check_output_dir(parts[me], overwrite)

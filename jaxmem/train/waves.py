@@ -14,15 +14,52 @@ from jaxmem.train import host_memory
 from jaxmem.train import step as step_lib
 
 
-def wave_slices(num_models: int, per_wave: int, num_devices: int) -> list[tuple[int, int, int]]:
-    """[(start, stop, padded size)]: waves of at most per_wave models, each padded up to a
-    multiple of the device count so that every device holds the same number of models."""
-    per_wave = per_wave or num_models
-    waves = []
-    for start in range(0, num_models, per_wave):
-        stop = min(start + per_wave, num_models)
-        waves.append((start, stop, math.ceil((stop - start) / num_devices) * num_devices))
-    return waves
+def padded_size(count: int, num_devices: int) -> int:
+    """A wave of `count` models padded up to a multiple of the device count, so that every
+    device holds the same number of models (padding repeats the last model)."""
+    return math.ceil(count / num_devices) * num_devices
+
+
+class WavePlan:
+    """Models per wave, asked before every wave with the number of models still to train, so
+    waves may change size within a run. The first size comes from the memory plan
+    (`plan_memory`: --models-per-wave, else the compiled step against the memory budget); after
+    every trained wave the size is planned again from that wave's measured peak
+    (`MemoryPlan.wave_size_after`), so that a plan the compiled analysis undercounted shrinks
+    before it runs out of memory, and an overcautious one grows. Model k's results do not
+    depend on the wave it trains in."""
+
+    def __init__(self):
+        self.memory: MemoryPlan | None = None
+        self.size = 0
+        self.trained: list[tuple[int | None, int]] = []  # (peak bytes, padded models) per wave
+
+    def __call__(self, trainer, remaining: int) -> int:
+        if self.memory is None:
+            self.memory = plan_memory(trainer, remaining)
+            self.size = self.memory.wave_size
+        return min(self.size, remaining)
+
+    def finished(self, peak: int | None, padded: int, remaining: int) -> str | None:
+        """Record a trained wave's peak memory (None: unknown) and plan the next waves from
+        it; returns a line for the log when the wave size changes."""
+        self.trained.append((peak, padded))
+        if not remaining:
+            return None
+        size = self.memory.wave_size_after(peak, padded, remaining)
+        previous, self.size = min(self.size, remaining), size
+        if size == previous:
+            return None
+        measured = self.memory.measured_bytes_per_model(peak, padded)
+        return (f"memory: a wave of {padded} models took {measured / 2**30:.3f} GiB per model "
+                f"-> waves of up to {size} models")
+
+    def record(self) -> dict | None:
+        """metrics.json's account of the plan (None when no wave was trained here)."""
+        if self.memory is None:
+            return None
+        peaks, padded = zip(*self.trained, strict=True) if self.trained else ((), ())
+        return self.memory.record(list(peaks), list(padded))
 
 
 # Share of the free memory a wave may plan to use from the compiled memory analysis (the rest:
