@@ -74,6 +74,11 @@ class Run:
     train_batch_acc [epochs, K]; model_indices [K]. Excluded models: excluded_models (their
     indices in the run). Canaries (planted label changes): canary_index [n] and their
     canary_original_label [n]; `real` [N] marks the other examples, the only ones counted.
+    Held-out predictions (last evaluated epoch, included models that held the example out;
+    jaxmem/rundir/heldout.py): heldout_probs [N, C] mean softmax probabilities (NaN where no
+    model held the example out), suggested_label [N] their majority class (-1 there) and
+    suggested_label_share [N] its share of their votes; the sums behind them are in `extra`.
+    Runs written before these were recorded give NaN and -1.
     Arrays the run stores beyond these are in `extra`.
     """
 
@@ -100,6 +105,9 @@ class Run:
     model_indices: np.ndarray
     canary_index: np.ndarray
     canary_original_label: np.ndarray
+    heldout_probs: np.ndarray
+    suggested_label: np.ndarray
+    suggested_label_share: np.ndarray
     excluded_models: np.ndarray
     extra: dict[str, np.ndarray]
     _rows: np.ndarray | None  # rows of the stored per-model arrays that are included (None: all)
@@ -203,6 +211,10 @@ def load_run(path: str, dataset=None, all_models: bool = False) -> Run:
         scores.setdefault(name, np.zeros(0, np.int64))
     scores.setdefault("memorization_pvalue_by_epoch",  # runs written without the tests
                       np.full(scores["memorization_by_epoch"].shape, np.nan))
+    num_train = len(scores["labels"])  # runs written without held-out predictions
+    scores.setdefault("heldout_probs", np.full((num_train, config["num_classes"]), np.nan))
+    scores.setdefault("suggested_label", np.full(num_train, -1, np.int64))
+    scores.setdefault("suggested_label_share", np.full(num_train, np.nan))
     all_indices = scores["model_indices"]
     excluded = scores.get("diverged", np.zeros(len(all_indices), bool)).astype(bool)
     rows = None if all_models or not excluded.any() else np.flatnonzero(~excluded)

@@ -19,6 +19,7 @@ from jaxmem.config import Config
 from jaxmem.data import Dataset
 from jaxmem.errors import UserError
 from jaxmem.rundir import EnsembleResult, Run, diverged_models
+from jaxmem.rundir.heldout import HeldoutSums, combine
 from jaxmem.rundir.record import TIMED_PARTS
 from jaxmem.train import lowering
 from jaxmem.train.checkpoint import WorkDir
@@ -108,7 +109,7 @@ class Trainer:
             if epoch + 1 in self.eval_epochs:
                 orders = model_orders(config.seed, wave_indices, wave_masks, epoch, self.steps,
                                       config.batch_size, ensemble.model_sharding)
-                self._evaluate(states, orders, self.eval_epochs.index(epoch + 1), result)
+                self._evaluate(states, orders, self.eval_epochs.index(epoch + 1), result, masks)
             result["epochs_done"] = np.int64(epoch + 1)
             if work and epoch + 1 < config.epochs and (
                     time.perf_counter() - saved >= config.checkpoint_seconds):
@@ -169,16 +170,26 @@ class Trainer:
                 f"epoch {epoch + 1}{where}; lower --lr, or pass --drop-diverged to "
                 "exclude them from the scores")
 
-    def _evaluate(self, states, orders, position: int, result) -> None:
+    def _evaluate(self, states, orders, position: int, result, masks) -> None:
         """Correctness of every model on every training and test example (eval mode), with
         --recalibrate-bn after recomputing each model's BatchNorm statistics on its own subset
-        (the examples of its epoch order, orders [M, S*B])."""
+        (the examples of its epoch order, orders [M, S*B]). At the last evaluated epoch (the
+        last epoch, so divergence is known) also the wave's held-out prediction sums over its
+        included models (masks [m, N]): `heldout_prob_sum`, `heldout_votes` [N, C]."""
         tic = time.perf_counter()
         if self.config.recalibrate_bn and jax.tree.leaves(states.batch_stats):
             states = self.ensemble.recalibrate(states, orders, self.x_train, self.y_train)
         real, size = result["train_loss"].shape[1], self.eval_batch_size
+        collect = None
+        if position == len(self.eval_epochs) - 1:
+            held = ~masks & ~diverged_models(result["train_loss"])[:, None]  # [m, N]
+            sums = HeldoutSums.zeros(self.dataset.num_train, self.dataset.num_classes)
+            collect = lambda start, predicted, probs: sums.add(  # noqa: E731
+                start, predicted[:real], probs[:real], held[:, start:start + probs.shape[1]])
         result["correct_train"][position] = self.ensemble.correct_on(
-            states, self.x_train, self.y_train, size)[:real]
+            states, self.x_train, self.y_train, size, collect)[:real]
+        if collect is not None:
+            result.update(sums.arrays())
         result["correct_test"][position] = self.ensemble.correct_on(
             states, self.x_test, self.y_test, size)[:real]
         result["eval_seconds"] += time.perf_counter() - tic
@@ -236,7 +247,8 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
         stacked["correct_test"], stacked["train_loss"], stacked["train_batch_acc"],
         {part: float(sum(a[f"{part}_seconds"] for a in done)) for part in TIMED_PARTS},
         [str(d) for d in trainer.mesh.devices.flat],
-        [int(a["peak_memory_bytes"]) if a["peak_memory_bytes"] >= 0 else None for a in done])
+        [int(a["peak_memory_bytes"]) if a["peak_memory_bytes"] >= 0 else None for a in done],
+        combine(done))
 
 
 def plan_line(config: Config, trainer: Trainer, waves: list, seconds_per_step: float) -> str:
