@@ -160,6 +160,20 @@ class Run:
         scores = np.nan_to_num(self.scores_at(epoch), nan=-np.inf)
         return np.argsort(-scores, kind="stable")[:count]
 
+    def to_frame(self):
+        """The run's table (`jaxmem.export`: one row per training example) as a pandas
+        DataFrame. pandas is not a dependency of jaxmem; `python -m jaxmem.export RUN` writes
+        the same table as CSV without it."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise UserError("Run.to_frame needs pandas, which jaxmem does not install: pip "
+                            "install pandas (or write a CSV: python -m jaxmem.export RUN)"
+                            ) from None
+        from jaxmem.export import table_columns
+
+        return pd.DataFrame(table_columns(self))
+
     def epoch_position(self, epoch: int | None) -> int:
         """Position of an evaluated epoch (1-based, as in `epochs`) in the [E, ...] arrays;
         None = the last one."""
