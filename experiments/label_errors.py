@@ -111,7 +111,8 @@ def cleanlab_ranking(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
     """cleanlab's flagged label issues, most likely first (self-confidence)."""
     from cleanlab.filter import find_label_issues
 
-    return find_label_issues(labels, pred_probs, return_indices_ranked_by="self_confidence")
+    return find_label_issues(labels, pred_probs, return_indices_ranked_by="self_confidence",
+                             n_jobs=1)  # no fork of a process running JAX
 
 
 def main(argv=None) -> int:
