@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -97,6 +98,7 @@ def summary(out: str, metrics: dict) -> str:
         f"models/hour" + (f", peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB"
                           if metrics.get("peak_memory_bytes") else ""),
         f"run directory: {out}  (load with jaxmem.load_run({out!r}))",
+        table_line(out),
     ])
 
 
@@ -107,6 +109,17 @@ def accuracy_line(metrics: dict) -> str:
     return (f"accuracy: train (own subset) {metrics['train_acc']:.3f}, held-out "
             f"{metrics['heldout_acc']:.3f}, test {metrics['test_acc']:.3f} (mean over "
             f"{metrics['num_included_models']} included models)")
+
+
+def table_line(out: str) -> str:
+    """Where the run's table (one row per training example) is, or how to write it."""
+    from jaxmem.export import default_table_path
+
+    table = default_table_path(out)
+    if os.path.exists(table):
+        return f"table: {table} (one row per training example)"
+    return (f"table: python -m jaxmem.export {out} writes {table} (one row per training "
+            "example: scores, suggested labels, held-out accuracy)")
 
 
 def noise_line(metrics: dict) -> str:

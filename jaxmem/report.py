@@ -183,6 +183,10 @@ def _run_section(run: Run, threshold, galleries: bool) -> str:
         try:  # the images live in the dataset, which may not be on this machine
             dataset = gallery.load_dataset(run)
             pictures = ["<h3>Most memorized training examples</h3>",
+                        "<p>Under each image: its index and score, and the label suggested by "
+                        "the models that held it out (their majority, with its share of their "
+                        "votes); a suggestion other than the row's class is a label to check."
+                        "</p>",
                         _img(gallery.most_memorized_gallery(run, dataset), f"gallery {label}")]
             if len(pairs):
                 pictures.append(_img(gallery.influence_gallery(run, pairs, dataset),

@@ -19,6 +19,7 @@ os.environ["JAXMEM_NO_DOWNLOAD"] = "1"
 
 from jaxmem.config import Config
 from jaxmem.rundir import DataInfo, EnsembleResult, write_run
+from jaxmem.rundir.heldout import HeldoutSums
 
 DIGITS_TRAIN, DIGITS_TEST = 1258, 539  # jaxmem.data.load("digits")
 
@@ -98,8 +99,15 @@ def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits"
     correct_test[:, list(diverged)] = False
     train_loss = np.tile(np.linspace(2.0, 0.1, max(epochs))[:, None], (1, num_models))
     train_loss[:, list(diverged)] = np.nan
+    # held-out predictions: a held-out model that is correct votes for the label, one that
+    # is wrong for the next class, each with all its probability on its vote
+    predicted = np.where(correct[-1], labels, (labels + 1) % num_classes)  # [K, N]
+    heldout = HeldoutSums.zeros(num_train, num_classes)
+    heldout.add(0, predicted, np.eye(num_classes, dtype=np.float32)[predicted],
+                ~masks & np.isfinite(train_loss).all(0)[:, None])
     result = EnsembleResult(np.arange(num_models), masks, list(epochs), correct, correct_test,
-                            train_loss, 1.0 - train_loss / 2.0, devices=["cpu"])
+                            train_loss, 1.0 - train_loss / 2.0, devices=["cpu"],
+                            heldout=heldout)
     settings = Config(arch=arch, dataset=dataset, num_models=num_models, epochs=max(epochs),
                       eval_every=epochs[0], seed=config_seed, threshold=threshold,
                       min_count=min_count, subset_ratio=subset_ratio, drop_diverged=True).to_dict()

@@ -341,7 +341,9 @@ def test_galleries(fake_run_dir, tmp_path):
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert _is_png(path) and len(texts) == 3 * 4 + 3  # cell titles and row labels
     first = int(top[0][0])  # classes 0, 1, 2 all reach the top score: the first three shown
-    assert texts[0] == f"#{first} {run.memorization[first]:.2f}"
+    suggested = (f"held-out: {run.suggested_label[first]} "
+                 f"{100 * run.suggested_label_share[first]:.0f}%")
+    assert texts[0] == f"#{first} {run.memorization[first]:.2f}\n{suggested}"
     assert texts[-3:] == ["class 0", "class 1", "class 2"]
     pairs = influence.run_high_influence_pairs(run)
     fig = gallery.influence_gallery(run, pairs, dataset, max_pairs=5,

@@ -2,6 +2,7 @@
 divergence, adaptive ensemble size, two processes on the loopback address."""
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from jaxmem.config import Config
 from jaxmem.data import load
 from jaxmem.data.synthetic import make
 from jaxmem.errors import UserError
-from jaxmem.rundir.merge import merge_runs
+from jaxmem.rundir.merge import busy_seconds, merge_runs
 from jaxmem.train import runner, waves
 from jaxmem.train.checkpoint import WorkDir
 from jaxmem.train.loop import DivergedError
@@ -65,6 +66,14 @@ def assert_same_run(a, b, exact=True):
     if exact:
         np.testing.assert_array_equal(a.correct_by_epoch("train"), b.correct_by_epoch("train"))
         np.testing.assert_array_equal(a.memorization_by_epoch, b.memorization_by_epoch)
+        # held-out predictions: the sums are exact in any order (jaxmem/rundir/heldout.py);
+        # a model evaluated in a wave of another size differs by float32 rounding only
+        np.testing.assert_array_equal(a.extra["heldout_votes"], b.extra["heldout_votes"])
+        np.testing.assert_allclose(a.extra["heldout_prob_sum"], b.extra["heldout_prob_sum"],
+                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a.heldout_probs, b.heldout_probs, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(a.suggested_label, b.suggested_label)
+        np.testing.assert_array_equal(a.suggested_label_share, b.suggested_label_share)
     else:
         assert (a.correct_by_epoch("train") != b.correct_by_epoch("train")).mean() < 0.01
     np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-4, atol=1e-5)
@@ -116,24 +125,49 @@ def test_killed_run_refuses_changed_inputs_then_resumes_to_the_same_scores(
 
 
 def test_merged_parts_equal_a_single_run(npz, uninterrupted, tmp_path):
-    parts = [run(config_for(npz, model_range=r, models_per_wave=0), str(tmp_path / r),
-                 progress=False) for r in ("0:1", "1:4")]
-    merged = load_run(merge_runs(parts[::-1], str(tmp_path / "merged")))
-    assert_same_run(merged, uninterrupted, exact=False)
+    """Parts in the single run's waves of 2 give it bit for bit, held-out predictions included;
+    the merged run reports with the report settings given now (parts that differ in them are
+    refused without), and its wall time is the span of parts that ran side by side."""
+    parts = [run(config_for(npz, model_range=r, fdr=fdr), str(tmp_path / r), progress=False)
+             for r, fdr in (("0:2", 0.1), ("2:4", 0.05))]
+    with pytest.raises(UserError, match="parts differ in --fdr"):
+        merge_runs(parts, str(tmp_path / "merged"))
+    for path, interval in zip(parts, ([100.0, 200.0], [150.0, 260.0]), strict=True):
+        edit_metrics(path, run_intervals_utc=[interval])  # as if they ran side by side
+    merged = load_run(merge_runs(parts[::-1], str(tmp_path / "merged"), report={"fdr": 0.05}))
+    assert_same_run(merged, uninterrupted)
     assert merged.config["model_range"] is None and merged.metrics["num_models"] == 4
+    assert merged.config["fdr"] == merged.metrics["fdr"] == 0.05
+    assert merged.metrics["wall_time_s"] == 160.0  # the span 100..260, not 100 + 110
+    assert merged.metrics["run_intervals_utc"] == [[100.0, 200.0], [150.0, 260.0]]
+    # held-out votes for the true label are the held-out correct counts, model by model
+    label_votes = merged.extra["heldout_votes"][np.arange(150), merged.labels]
+    np.testing.assert_array_equal(label_votes, (merged.correct_train & ~merged.masks).sum(0))
+    np.testing.assert_array_equal(merged.extra["heldout_votes"].sum(1), merged.out_count)
 
     with pytest.raises(UserError, match="gaps"):
         merge_runs(parts[1:], str(tmp_path / "gap"))
-    overlap = run(config_for(npz, model_range="0:2", models_per_wave=0),
-                  str(tmp_path / "0-2"), progress=False)
     with pytest.raises(UserError, match="overlap"):
-        merge_runs([overlap, parts[1]], str(tmp_path / "overlap"))
+        merge_runs([parts[0], parts[0]], str(tmp_path / "overlap"), report={"fdr": 0.05})
     # a part whose mask was changed
     masks = np.load(os.path.join(parts[0], "masks.npy"))
     masks[0, :3] = ~masks[0, :3]
     np.save(os.path.join(parts[0], "masks.npy"), masks)
     with pytest.raises(UserError, match="masks"):
-        merge_runs(parts, str(tmp_path / "tampered"))
+        merge_runs(parts, str(tmp_path / "tampered"), report={"fdr": 0.05})
+
+
+def edit_metrics(path, **changes):
+    file = os.path.join(path, "metrics.json")
+    with open(file) as f:
+        metrics = json.load(f)
+    with open(file, "w") as f:
+        json.dump({**metrics, **changes}, f)
+
+
+def test_wall_time_of_parts_counts_time_any_part_ran_once():
+    assert busy_seconds([[0, 10], [2, 12], [20, 25]]) == 17  # side by side, then later
+    assert busy_seconds([[5, 6], [0, 10]]) == 10 and busy_seconds([]) == 0
 
 
 def test_merge_refuses_parts_of_another_dataset(npz, tmp_path):
@@ -168,6 +202,8 @@ def test_divergence_stops_with_model_indices_or_is_dropped(npz, tmp_path):
     assert dropped.metrics["diverged_models"] == [0, 1, 2, 3]
     np.testing.assert_array_equal(dropped.excluded_models, [0, 1, 2, 3])
     assert len(dropped.model_indices) == 0 and np.isnan(dropped.memorization).all()
+    # excluded models add no held-out predictions either
+    assert (dropped.suggested_label == -1).all() and np.isnan(dropped.heldout_probs).all()
 
 
 def test_until_se_grows_a_run_until_the_standard_errors_are_below_the_target(npz, tmp_path):
@@ -181,6 +217,7 @@ def test_until_se_grows_a_run_until_the_standard_errors_are_below_the_target(npz
             progress=False)
     result = load_run(run(dataclasses.replace(config, until_se=target), out, grow=True,
                           progress=False))
+    assert result.config["until_se"] == target  # the rule the added models were trained under
     used = result.metrics["num_models"]
     assert 4 <= used < 32 and used % 2 == 0 and list(result.model_indices) == list(range(used))
     assert result.metrics["max_memorization_se"] < target and not result.low_count.any()
@@ -195,12 +232,24 @@ def test_until_se_grows_a_run_until_the_standard_errors_are_below_the_target(npz
 
 
 def test_a_grown_run_equals_a_fresh_run_with_more_models(npz, uninterrupted, tmp_path):
+    """... with the report settings given to the grow, no --until-se the added models were not
+    trained under, and as wall time the two runs' own times (not the time between them)."""
     out = str(tmp_path / "grown")
-    run(config_for(npz, num_models=2), out, progress=False)
+    run(config_for(npz, num_models=2, until_se=5.0), out, progress=False)  # 2 cannot reach it
     with pytest.raises(UserError, match="refusing to add models .* settings fingerprint"):
         run(config_for(npz, lr=0.2), out, grow=True, progress=False)
-    grown = load_run(run(config_for(npz), out, grow=True, progress=False))
+    before = load_run(out).metrics
+    grown = load_run(run(config_for(npz, null_permutations=7, fdr=0.1, fit_threshold=0.5), out,
+                         grow=True, progress=False))
     assert_same_run(grown, uninterrupted)  # masks, correctness and scores bit for bit
+    assert (grown.config["null_permutations"], grown.config["fdr"],
+            grown.config["fit_threshold"]) == (7, 0.1, 0.5)
+    assert grown.metrics["noise_floor"]["num_permutations"] == 7 and grown.metrics["fdr"] == 0.1
+    assert grown.config["until_se"] is None
+    first, added = grown.metrics["run_intervals_utc"]
+    assert first == before["run_intervals_utc"][0] and added[0] >= first[1]
+    assert grown.metrics["wall_time_s"] == pytest.approx(
+        (first[1] - first[0]) + (added[1] - added[0]))
     np.testing.assert_array_equal(grown.memorization_se_by_epoch,
                                   uninterrupted.memorization_se_by_epoch)
     assert grown.config["num_models"] == grown.metrics["num_models"] == 4

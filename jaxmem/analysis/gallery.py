@@ -100,7 +100,9 @@ def mosaic(cells: list[list[tuple[np.ndarray, str] | None]], row_labels: Sequenc
 def most_memorized_gallery(run: Run, dataset=None, per_class: int = 6,
                            classes: Sequence[int] | None = None, max_classes: int = 10,
                            epoch: int | None = None, path: str | None = None) -> Figure:
-    """One row per class: its most memorized training images, titled '#index score'.
+    """One row per class: its most memorized training images, titled '#index score' and,
+    below, the label the models that held the image out suggest with their share of votes
+    ('held-out: 3 80%'; a suggestion other than the row's class points at a label to check).
 
     classes default to the `max_classes` classes whose top score is highest (all classes when
     there are at most max_classes). dataset: a loaded Dataset (default: load_dataset(run)).
@@ -114,13 +116,22 @@ def most_memorized_gallery(run: Run, dataset=None, per_class: int = 6,
         order = np.argsort(-np.nan_to_num(np.asarray(best), nan=-np.inf), kind="stable")
         classes = sorted(int(c) for c in present[order[:max_classes]])
     top = top_per_class(memorization, labels, per_class, classes)
-    cells = [[(dataset.x_train[i], f"#{i} {memorization[i]:.2f}") for i in indices]
-             for indices in top.values()]
+    cells = [[(dataset.x_train[i], f"#{i} {memorization[i]:.2f}\n{suggestion(run, i)}")
+              for i in indices] for indices in top.values()]
     if not any(cells):
         raise UserError(f"{run.path}: no finite scores to show")
     fig = mosaic(cells, [f"class {cls}" for cls in top],
-                 f"Most memorized training examples ({stats.run_label(run)})")
+                 f"Most memorized training examples ({stats.run_label(run)})", lines=2)
     return save(fig, path)
+
+
+def suggestion(run: Run, index: int) -> str:
+    """'held-out: LABEL SHARE%' for one training example ('held-out: none' where no model
+    held it out, or the run did not record held-out predictions)."""
+    label = int(run.suggested_label[index])
+    if label < 0:
+        return "held-out: none"
+    return f"held-out: {label} {100 * run.suggested_label_share[index]:.0f}%"
 
 
 def influence_gallery(run: Run, pairs: InfluencePairs, dataset=None, max_pairs: int = 8,

@@ -15,7 +15,8 @@ import numpy as np
 
 from jaxmem.config import Config
 from jaxmem.errors import UserError
-from jaxmem.rundir.fingerprint import check_same
+from jaxmem.rundir.fingerprint import REPORT_SETTINGS, check_same
+from jaxmem.rundir.heldout import combine
 from jaxmem.rundir.record import (
     TIMED_PARTS,
     DataInfo,
@@ -36,10 +37,13 @@ def config_of(record: dict) -> Config:
 
 
 def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
-               model_range: str | None = None) -> str:
+               model_range: str | None = None, report: dict | None = None) -> str:
     """Merge part directories into `out` (which may be one of the parts: it is replaced
     atomically). model_range: the range the parts must cover together (default: all of the
-    largest --num-models among the parts; with --until-se, up to the last model trained)."""
+    largest --num-models among the parts; with --until-se, up to the last model trained).
+    report: settings that change only what the run reports (REPORT_SETTINGS: --fdr,
+    --null-permutations, --fit-threshold) to use and record instead of the parts' (which must
+    then agree on those not given)."""
     if not part_dirs:
         raise UserError("no part directories given")
     check_output_dir(out, overwrite)
@@ -51,11 +55,12 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
         check_same(shared, part.config["fingerprints"],
                    f"refusing to merge {part.path} with {first.path}")
     # Parts may differ in --num-models and --until-se (a grown run): the merged run holds the
-    # largest K, and stops where the last part with a target stopped.
-    targets = [p.config["until_se"] for p in parts if p.config.get("until_se") is not None]
+    # largest K, and its stopping rule is the one the last models were trained under (the
+    # part holding them); a target of earlier parts did not decide where the run ends.
     config = dataclasses.replace(config_of(first.config), model_range=model_range,
                                  num_models=max(int(p.config["num_models"]) for p in parts),
-                                 until_se=targets[-1] if targets else None)
+                                 until_se=parts[-1].config.get("until_se"),
+                                 **report_settings(parts, report or {}))
     indices = np.concatenate([p.model_indices for p in parts])
     check_coverage(indices, config)
     check_masks(parts, config)
@@ -70,16 +75,51 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
         seconds={part: sum(p.metrics.get(f"{part}_seconds", 0.0) for p in parts)
                  for part in TIMED_PARTS},
         devices=sorted({d for p in parts for d in p.metrics["devices"]}),
-        peak_memory_bytes=[b for p in parts for b in p.metrics["peak_memory_bytes_per_wave"]])
+        peak_memory_bytes=[b for p in parts for b in p.metrics["peak_memory_bytes_per_wave"]],
+        heldout=combine([p.extra for p in parts]))
     info = DataInfo(first.config["dataset_name"], first.config["num_classes"],
                     tuple(first.config["image_shape"]), first.labels, first.test_labels,
                     first.original_index, {k: v for k, v in first.config["fingerprints"].items()
                                            if k not in ("masks", "settings")},
                     first.canary_index, first.canary_original_label)
     provenance = {k: first.config[k] for k in PROVENANCE if k in first.config}
-    write_run(out, config.to_dict(), info, result, sum(p.metrics["wall_time_s"] for p in parts),
-              provenance)
+    intervals = [i for p in parts for i in p.metrics.get("run_intervals_utc", [])]
+    untimed = sum(p.metrics["wall_time_s"] for p in parts if "run_intervals_utc" not in p.metrics)
+    write_run(out, config.to_dict(), info, result, busy_seconds(intervals) + untimed,
+              provenance, intervals)
     return out
+
+
+def report_settings(parts: list, given: dict) -> dict:
+    """The REPORT_SETTINGS of the merged run: those given now, else the parts' own, which must
+    agree (a merge never picks one part's silently)."""
+    chosen = {}
+    for name in REPORT_SETTINGS:
+        if name in given:
+            chosen[name] = given[name]
+            continue
+        values = sorted({p.config[name] for p in parts if name in p.config})
+        if len(values) > 1:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"refusing to merge: the parts differ in {flag} "
+                            f"({', '.join(map(str, values))}); give the one the merged run "
+                            f"reports with {flag}")
+        if values:
+            chosen[name] = values[0]
+    return chosen
+
+
+def busy_seconds(intervals: list) -> float:
+    """Seconds during which at least one part ran: the length of the union of [start, end]
+    intervals. Parts that ran side by side (processes of one job, a job array) count their
+    span once, not their sum; parts that ran one after another (a run, then the models a
+    --grow added) count their own times, not the time between them."""
+    total, end = 0.0, -np.inf
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
 
 
 def check_coverage(indices: np.ndarray, config: Config) -> None:

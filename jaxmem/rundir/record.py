@@ -16,6 +16,7 @@ from jaxmem import estimator, significance
 from jaxmem.canaries import real_examples
 from jaxmem.errors import UserError
 from jaxmem.rundir.fingerprint import result_fingerprints
+from jaxmem.rundir.heldout import HeldoutSums
 from jaxmem.rundir.store import diverged_models, save_run
 
 # Where a run's time goes (metrics.json, `<part>_seconds`): the first step of each wave
@@ -31,7 +32,9 @@ class EnsembleResult:
     model_indices [K]; masks [K,N] bool; correct_train [E,K,N] bool; correct_test
     [E,K,N_test] bool; train_loss, train_batch_acc [epochs, K] (means over each epoch's own
     examples); seconds spent per part (TIMED_PARTS); peak memory per wave in bytes (None
-    where not reported); the memory plan's record (waves.MemoryPlan.record; None when merged).
+    where not reported); the memory plan's record (waves.MemoryPlan.record; None when merged);
+    heldout: the included models' held-out prediction sums at the last evaluated epoch (None:
+    not recorded).
     """
 
     model_indices: np.ndarray
@@ -46,6 +49,7 @@ class EnsembleResult:
     devices: list[str] = dataclasses.field(default_factory=list)
     peak_memory_bytes: list[int | None] = dataclasses.field(default_factory=list)
     memory_plan: dict | None = None
+    heldout: HeldoutSums | None = None  # held-out prediction sums of the included models
 
     @property
     def diverged(self) -> np.ndarray:
@@ -78,9 +82,12 @@ def check_output_dir(out: str, overwrite: bool) -> None:
 
 
 def write_run(out: str, settings: dict, info: DataInfo, result: EnsembleResult, wall: float,
-              provenance: dict) -> None:
+              provenance: dict, intervals: list = ()) -> None:
     """The run directory of `result`. settings: Config.to_dict(); provenance: how it was
-    computed (resolved lowering, parameter count, versions, backend), recorded as given."""
+    computed (resolved lowering, parameter count, versions, backend), recorded as given;
+    wall: seconds the run took; intervals: when it (each of its parts) ran, [start, end] in
+    seconds since the epoch (UTC), so that merges can tell parallel parts from sequential
+    ones."""
     record = {
         **settings,
         **provenance,
@@ -99,6 +106,8 @@ def write_run(out: str, settings: dict, info: DataInfo, result: EnsembleResult, 
     scores.update(null_samples_by_epoch=null.samples)  # [R, E] memorized counts
     metrics = summary_metrics(result, scores, settings, wall)
     metrics["noise_floor"] = null.as_dict()
+    if intervals:
+        metrics["run_intervals_utc"] = [[float(a), float(b)] for a, b in intervals]
     save_run(out, record, metrics,
              {"masks": result.masks, "correct_train": result.correct_train[-1],
               "correct_test": result.correct_test[-1]},
@@ -111,7 +120,8 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
     each example's p-value of H0: score <= threshold (`significance.margin_pvalues`) and the
     memorized set at false discovery rate `fdr` (`significance.memorized_at_fdr`: Benjamini-
     Hochberg over the real examples), plus per-model accuracies (of every model; a loaded Run
-    filters them)."""
+    filters them) and the held-out
+    predictions (jaxmem/rundir/heldout.py) when the result has them."""
     keep = ~result.diverged
     masks = result.masks
     in_count, out_count = estimator.membership_counts(masks[keep])
@@ -149,6 +159,7 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
         "diverged": result.diverged,
         "canary_index": info.canary_index,
         "canary_original_label": info.canary_original_label,
+        **(result.heldout.scores() if result.heldout is not None else {}),
     }
 
 

@@ -79,6 +79,11 @@ class Run:
     train_batch_acc [epochs, K]; model_indices [K]. Excluded models: excluded_models (their
     indices in the run). Canaries (planted label changes): canary_index [n] and their
     canary_original_label [n]; `real` [N] marks the other examples, the only ones counted.
+    Held-out predictions (last evaluated epoch, included models that held the example out;
+    jaxmem/rundir/heldout.py): heldout_probs [N, C] mean softmax probabilities (NaN where no
+    model held the example out), suggested_label [N] their majority class (-1 there) and
+    suggested_label_share [N] its share of their votes; the sums behind them are in `extra`.
+    Runs written before these were recorded give NaN and -1.
     Arrays the run stores beyond these are in `extra`.
     """
 
@@ -105,6 +110,9 @@ class Run:
     model_indices: np.ndarray
     canary_index: np.ndarray
     canary_original_label: np.ndarray
+    heldout_probs: np.ndarray
+    suggested_label: np.ndarray
+    suggested_label_share: np.ndarray
     excluded_models: np.ndarray
     extra: dict[str, np.ndarray]
     _rows: np.ndarray | None  # rows of the stored per-model arrays that are included (None: all)
@@ -172,6 +180,20 @@ class Run:
         scores = np.nan_to_num(self.counted_scores(epoch), nan=-np.inf)
         return np.argsort(-scores, kind="stable")[:min(count, int(self.real.sum()))]
 
+    def to_frame(self):
+        """The run's table (`jaxmem.export`: one row per training example) as a pandas
+        DataFrame. pandas is not a dependency of jaxmem; `python -m jaxmem.export RUN` writes
+        the same table as CSV without it."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise UserError("Run.to_frame needs pandas, which jaxmem does not install: pip "
+                            "install pandas (or write a CSV: python -m jaxmem.export RUN)"
+                            ) from None
+        from jaxmem.export import table_columns
+
+        return pd.DataFrame(table_columns(self))
+
     def epoch_position(self, epoch: int | None) -> int:
         """Position of an evaluated epoch (1-based, as in `epochs`) in the [E, ...] arrays;
         None = the last one."""
@@ -223,6 +245,10 @@ def load_run(path: str, dataset=None, all_models: bool = False) -> Run:
         scores.setdefault(name, np.zeros(0, np.int64))
     scores.setdefault("threshold_pvalue_by_epoch",  # runs written without the test
                       np.full(scores["memorization_by_epoch"].shape, np.nan))
+    num_train = len(scores["labels"])  # runs written without held-out predictions
+    scores.setdefault("heldout_probs", np.full((num_train, config["num_classes"]), np.nan))
+    scores.setdefault("suggested_label", np.full(num_train, -1, np.int64))
+    scores.setdefault("suggested_label_share", np.full(num_train, np.nan))
     all_indices = scores["model_indices"]
     excluded = scores.get("diverged", np.zeros(len(all_indices), bool)).astype(bool)
     rows = None if all_models or not excluded.any() else np.flatnonzero(~excluded)

@@ -171,20 +171,29 @@ class Ensemble:
         return map_models(one, self.eval_strategy, (0, 0))(states, orders)
 
     def _evaluate(self, states, images, labels, ids):
-        """[M, B] bool correctness of every model on images[ids] (ids clipped to the dataset)."""
+        """Every model on images[ids] (ids clipped to the dataset): [M, B] bool correctness,
+        [M, B] int32 predicted class, [M, B, C] float32 softmax probabilities."""
         ids = jnp.minimum(ids, labels.shape[0] - 1)
         batch_images, batch_labels = images[ids], labels[ids]
 
         def one(state):
-            return step_lib.eval_correct(self.eval_spec, state, batch_images, batch_labels)
+            return step_lib.eval_predictions(self.eval_spec, state, batch_images, batch_labels)
 
         return map_models(one, self.eval_strategy, (0,))(states)
 
-    def correct_on(self, states, images, labels, eval_batch_size: int) -> np.ndarray:
-        """[M, N] bool correctness on a whole on-device split, in fixed-size chunks (one trace)."""
+    def correct_on(self, states, images, labels, eval_batch_size: int,
+                   predictions=None) -> np.ndarray:
+        """[M, N] bool correctness on a whole on-device split, in fixed-size chunks (one trace).
+        predictions: called per chunk as predictions(start, predicted [M, b], probs [M, b, C])
+        for its b examples start..start+b (only then are the probabilities copied to the
+        host)."""
         num = labels.shape[0]
         chunks = []
         for start in range(0, num, eval_batch_size):
             ids = jnp.arange(start, start + eval_batch_size, dtype=jnp.int32)
-            chunks.append(self.evaluate(states, images, labels, ids))
+            correct, predicted, probs = self.evaluate(states, images, labels, ids)
+            chunks.append(correct)
+            if predictions is not None:
+                real = min(eval_batch_size, num - start)
+                predictions(start, np.asarray(predicted)[:, :real], np.asarray(probs)[:, :real])
         return np.concatenate([np.asarray(c) for c in chunks], axis=1)[:, :num]

@@ -24,6 +24,7 @@ from jaxmem.config import Config
 from jaxmem.data import Dataset
 from jaxmem.errors import UserError
 from jaxmem.rundir import EnsembleResult, Run, diverged_models
+from jaxmem.rundir.heldout import HeldoutSums, combine
 from jaxmem.rundir.record import TIMED_PARTS
 from jaxmem.train import lowering
 from jaxmem.train.checkpoint import Checkpoint, WorkDir
@@ -132,7 +133,8 @@ class Trainer:
             if epoch + 1 in self.eval_epochs:
                 orders = model_orders(config.seed, wave_indices, wave_masks, epoch, self.steps,
                                       config.batch_size, ensemble.model_sharding)
-                self._evaluate(states, orders, self.eval_epochs.index(epoch + 1), result)
+                self._evaluate(states, orders, self.eval_epochs.index(epoch + 1), result,
+                               masks)
             losses = result["train_loss"][epoch]
             loss = np.nanmean(losses) if np.isfinite(losses).any() else np.nan
             progress.set_postfix(models=f"{models.start}..{models.stop - 1}", epoch=epoch + 1,
@@ -256,16 +258,26 @@ class Trainer:
                 f"epoch {epoch + 1}{where}; lower --lr, or pass --drop-diverged to "
                 "exclude them from the scores")
 
-    def _evaluate(self, states, orders, position: int, result) -> None:
+    def _evaluate(self, states, orders, position: int, result, masks) -> None:
         """Correctness of every model on every training and test example (eval mode), with
         --recalibrate-bn after recomputing each model's BatchNorm statistics on its own subset
-        (the examples of its epoch order, orders [M, S*B])."""
+        (the examples of its epoch order, orders [M, S*B]). At the last evaluated epoch (the
+        last epoch, so divergence is known) also the wave's held-out prediction sums over its
+        included models (masks [m, N]): `heldout_prob_sum`, `heldout_votes` [N, C]."""
         tic = time.perf_counter()
         if self.config.recalibrate_bn and jax.tree.leaves(states.batch_stats):
             states = self.ensemble.recalibrate(states, orders, self.x_train, self.y_train)
         real, size = result["train_loss"].shape[1], self.eval_batch_size
+        collect = None
+        if position == len(self.eval_epochs) - 1:
+            held = ~masks & ~diverged_models(result["train_loss"])[:, None]  # [m, N]
+            sums = HeldoutSums.zeros(self.dataset.num_train, self.dataset.num_classes)
+            collect = lambda start, predicted, probs: sums.add(  # noqa: E731
+                start, predicted[:real], probs[:real], held[:, start:start + probs.shape[1]])
         result["correct_train"][position] = self.ensemble.correct_on(
-            states, self.x_train, self.y_train, size)[:real]
+            states, self.x_train, self.y_train, size, collect)[:real]
+        if collect is not None:
+            result.update(sums.arrays())
         result["correct_test"][position] = self.ensemble.correct_on(
             states, self.x_test, self.y_test, size)[:real]
         result["eval_seconds"] += time.perf_counter() - tic
@@ -323,8 +335,12 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
     active = work is not None and threading.current_thread() is threading.main_thread()
     first_wave = True
     with StopSignals(active) as stop, contextlib.closing(bar):
-        while todo and not (config.until_se is not None and done and
-                            below_target_se(before + done, config, bar)):
+        while todo:
+            if config.until_se is not None and done and below_target_se(
+                    before + done, config, canary_index):
+                bar.write(f"every standard error is below {config.until_se} after "
+                          f"{sum(len(w['masks']) for w in before + done)} models")
+                break
             if stop.stopping:
                 raise Preempted(stopped(stop, work, "finished models are saved"))
             size = wave_size(trainer, len(todo))
@@ -366,7 +382,7 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
         {part: float(sum(a[f"{part}_seconds"] for a in done)) for part in TIMED_PARTS},
         [str(d) for d in trainer.mesh.devices.flat],
         [int(a["peak_memory_bytes"]) if a["peak_memory_bytes"] >= 0 else None for a in done],
-        wave_size.record())
+        memory_plan=wave_size.record(), heldout=combine(done))
 
 
 def resumable(work: WorkDir | None, todo: list[int]) -> Checkpoint | None:
@@ -395,7 +411,7 @@ def plan_line(config: Config, trainer: Trainer, models: int, per_wave: int,
             "of training")
 
 
-def below_target_se(waves: list[dict], config: Config, bar: Progress, canary_index=()) -> bool:
+def below_target_se(waves: list[dict], config: Config, canary_index=()) -> bool:
     """Is the largest per-example standard error (last evaluated epoch) of the models of
     `waves` (each with masks [m, N], correct_train [E, m, N], train_loss [epochs, m]) below
     --until-se? Excluded (diverged) models and the canaries do not count."""
@@ -406,8 +422,4 @@ def below_target_se(waves: list[dict], config: Config, bar: Progress, canary_ind
     real = real_examples(masks.shape[1], canary_index)
     scores = estimator.memorization_scores(masks[keep][:, real], correct[keep][:, real],
                                            config.min_count)
-    below = (not scores["low_count"].any()
-             and np.nanmax(scores["memorization_se"]) < config.until_se)
-    if below:
-        bar.write(f"every standard error is below {config.until_se} after {len(masks)} models")
-    return below
+    return not scores["low_count"].any() and np.nanmax(scores["memorization_se"]) < config.until_se

@@ -30,6 +30,7 @@ from jaxmem.rundir import (
     write_run,
 )
 from jaxmem.rundir.fingerprint import (
+    REPORT_SETTINGS,
     check_same,
     dataset_fingerprints,
     result_fingerprints,
@@ -114,7 +115,7 @@ def train_and_evaluate(config: Config, out: str, overwrite: bool = False,
     prior: a finished run these models will be added to (its dataset and settings must match;
     with --until-se its models count towards the target). recorded: more entries for
     config.json (e.g. where each setting came from)."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     loaded = data.load_for(config)
     dataset, planted = canaries.plant(loaded, config.canaries, config.seed)
     info = data_info(dataset, planted, dataset_fingerprints(loaded))
@@ -130,7 +131,7 @@ def train_and_evaluate(config: Config, out: str, overwrite: bool = False,
         result = train_ensemble(config, dataset, masks, progress=progress, work=work,
                                 prior=prior, canary_index=planted.index)
         write_run(out, config.to_dict(), info, result, time.perf_counter() - started,
-                  {**provenance(config, info), **(recorded or {})})
+                  {**provenance(config, info), **(recorded or {})}, [[started_at, time.time()]])
         work.remove()
     return out
 
@@ -157,7 +158,8 @@ def grow_run(config: Config, out: str, resume: bool, progress: bool,
         train_and_evaluate(dataclasses.replace(config, model_range=f"{have}:{config.num_models}"),
                            part, overwrite=overwrite, resume=resume, progress=progress,
                            prior=existing, recorded=recorded)
-    merge_runs([out, part], out, overwrite=True)
+    merge_runs([out, part], out, overwrite=True,  # report with the settings given now
+               report={name: getattr(config, name) for name in REPORT_SETTINGS})
     shutil.rmtree(part)
     return out
 

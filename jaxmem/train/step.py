@@ -130,11 +130,24 @@ def subset_batch_stats(spec: StepSpec, state: ModelState, images, ids, weights):
     return jax.tree.map(lambda t: t / jnp.maximum(weights.sum(), 1.0), total)
 
 
+def eval_logits(spec: StepSpec, state: ModelState, images):
+    """[B, C] eval-mode logits. Eval mode: BatchNorm uses its running statistics (and leaves
+    them unchanged), so each image's result is independent of the others in the batch; no
+    augmentation."""
+    return spec.model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                            normalize(spec, images), False)
+
+
 def eval_correct(spec: StepSpec, state: ModelState, images, labels):
-    """[B] bool: does the model classify each image correctly? Eval mode: BatchNorm uses its
-    running statistics (and leaves them unchanged), so each image's result is independent of
-    the others in the batch; no augmentation."""
-    logits = spec.model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                              normalize(spec, images), False)
-    return logits.argmax(-1) == labels
+    """[B] bool: does the model classify each image correctly (eval mode)?"""
+    return eval_logits(spec, state, images).argmax(-1) == labels
+
+
+def eval_predictions(spec: StepSpec, state: ModelState, images, labels):
+    """Eval mode: ([B] bool correctness, [B] int32 predicted class, [B, C] float32 softmax
+    probabilities), from one forward pass. The predicted class is the logits' argmax (the
+    lowest class among equal logits), so correctness is `predicted == labels`."""
+    logits = eval_logits(spec, state, images)
+    predicted = logits.argmax(-1).astype(jnp.int32)
+    return predicted == labels, predicted, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 

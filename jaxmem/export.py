@@ -1,0 +1,116 @@
+"""A run's scores as a table: one row per training example.
+
+    python -m jaxmem.export RUN [--out RUN/scores.csv]
+
+or, with pandas installed (not a dependency of jaxmem), `jaxmem.load_run(RUN).to_frame()`.
+
+Columns (in this order; NaN where a value is undefined):
+    index                 position in the training set as trained (the run's arrays' index)
+    file_name             the image's file name (only for datasets that record file names)
+    original_index        position in the dataset's own training split
+    label                 the label trained on (a canary's changed label)
+    original_label        the dataset's label (differs from `label` only for canaries)
+    canary                planted label change (reported apart, never counted)
+    suggested_label       majority class of the models that held the example out (-1: none)
+    suggested_label_share its share of their votes
+    memorization          score at the last evaluated epoch (in-subset minus held-out acc.)
+    memorization_se       its standard error
+    threshold_pvalue      p-value of H0: score <= the run's threshold (score test)
+    memorized_fdr         score above the threshold at the run's false discovery rate
+    in_subset_acc         accuracy of the models that trained on the example
+    consistency_score     accuracy of the models that held it out: the consistency score
+                          (C-score) of Jiang et al. at this run's subset ratio
+    in_count, out_count   how many included models trained on / held out the example
+    low_count             fewer than --min-count of either: score NaN
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+import numpy as np
+
+from jaxmem import estimator
+from jaxmem.errors import UserError
+from jaxmem.rundir import Run, load_run
+
+TABLE_NAME = "scores.csv"
+
+
+def table_columns(run: Run) -> dict[str, np.ndarray]:
+    """The table's columns, name -> [N] array (see the module docstring)."""
+    num = len(run.labels)
+    masks, correct = np.asarray(run.masks, bool), np.asarray(run.correct_train, bool)
+    in_correct, out_correct = estimator.correct_counts(masks, correct)
+    original_label = np.asarray(run.labels).copy()
+    original_label[run.canary_index] = run.canary_original_label
+    fdr_set = run.extra.get("memorized_fdr", np.zeros(num, bool))
+    names = {"file_name": np.asarray(run.extra["file_names"])} if "file_names" in run.extra else {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        in_acc, out_acc = in_correct / run.in_count, out_correct / run.out_count
+    return {
+        "index": np.arange(num),
+        **names,
+        "original_index": np.asarray(run.original_index),
+        "label": np.asarray(run.labels),
+        "original_label": original_label,
+        "canary": ~run.real,
+        "suggested_label": np.asarray(run.suggested_label),
+        "suggested_label_share": np.asarray(run.suggested_label_share),
+        "memorization": np.asarray(run.memorization),
+        "memorization_se": np.asarray(run.memorization_se),
+        "threshold_pvalue": np.asarray(run.threshold_pvalue_by_epoch[-1]),
+        "memorized_fdr": np.asarray(fdr_set, bool),
+        "in_subset_acc": np.where(run.in_count > 0, in_acc, np.nan),
+        "consistency_score": np.where(run.out_count > 0, out_acc, np.nan),
+        "in_count": np.asarray(run.in_count),
+        "out_count": np.asarray(run.out_count),
+        "low_count": np.asarray(run.low_count, bool),
+    }
+
+
+def _cell(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "" if np.isnan(value) else f"{value:.8g}"
+    if isinstance(value, (bool, np.bool_)):
+        return "True" if value else "False"
+    return str(value)
+
+
+def write_table(run: Run, path: str) -> str:
+    """Write the table as CSV (empty cells for NaN) and return its path."""
+    columns = table_columns(run)
+    rows = zip(*(values.tolist() for values in columns.values()), strict=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([_cell(v) for v in row] for row in rows)
+    return path
+
+
+def default_table_path(run_dir: str) -> str:
+    return os.path.join(run_dir, TABLE_NAME)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxmem.export",
+        description="Write a run's scores as a CSV table, one row per training example.")
+    parser.add_argument("run", help="run directory")
+    parser.add_argument("--out", help=f"CSV file (default: RUN/{TABLE_NAME})")
+    args = parser.parse_args(argv)
+    try:
+        run = load_run(args.run)
+        path = write_table(run, args.out or default_table_path(args.run))
+    except (UserError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(run.labels)} rows to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""experiments/label_errors.py: its data, folds and rankings (the measurement itself is in
+BENCHMARKS.md; cleanlab is not a dependency, so its part runs only where it is installed)."""
+
+import gzip
+
+import numpy as np
+import pytest
+from test_benchmarks import load_script  # pytest puts tests/ on sys.path
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script("label_errors")
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def test_idx_files_read_back_and_other_files_are_refused(script, tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (7, 5, 4), dtype=np.uint8)
+    write_idx(tmp_path / "x.gz", images)
+    np.testing.assert_array_equal(script.read_idx(str(tmp_path / "x.gz")), images)
+    with gzip.open(tmp_path / "bad.gz", "wb") as f:
+        f.write(b"PK\x03\x04" + bytes(20))
+    with pytest.raises(ValueError, match="not an idx file"):
+        script.read_idx(str(tmp_path / "bad.gz"))
+
+
+def test_the_subset_changes_exactly_the_chosen_labels_to_other_classes(script):
+    rng = np.random.default_rng(1)
+    source = {"x_train": rng.integers(0, 256, (300, 6, 6), dtype=np.uint8),
+              "y_train": rng.integers(0, 10, 300).astype(np.uint8),
+              "x_test": rng.integers(0, 256, (50, 6, 6), dtype=np.uint8),
+              "y_test": rng.integers(0, 10, 50).astype(np.uint8)}
+    arrays, changed = script.build_subset(source, 120, 20, 9, seed=3)
+    assert arrays["x_train"].shape == (120, 6, 6, 1) and arrays["x_test"].shape == (20, 6, 6, 1)
+    # the images say which source rows were drawn; only the changed rows' labels differ
+    rows = [int(np.flatnonzero((source["x_train"] == x[..., 0]).all((1, 2)))[0])
+            for x in arrays["x_train"]]
+    differ = np.flatnonzero(arrays["y_train"] != source["y_train"][rows])
+    np.testing.assert_array_equal(differ, changed)
+    assert len(changed) == 9
+    again, same = script.build_subset(source, 120, 20, 9, seed=3)
+    np.testing.assert_array_equal(same, changed)
+    np.testing.assert_array_equal(again["y_train"], arrays["y_train"])
+
+
+def test_folds_hold_each_example_out_exactly_once(script):
+    masks = script.fold_masks(103, 5, seed=0)
+    assert masks.shape == (5, 103)
+    np.testing.assert_array_equal((~masks).sum(0), 1)
+    assert set((~masks).sum(1).tolist()) == {20, 21}
+
+
+def test_rankings_and_their_precision_and_recall(script):
+    changed = np.array([2, 5, 7])
+    hits = script.top_k_hits(np.array([5, 0, 7, 2]), changed, 3)
+    assert hits == {"found": 2, "ranked": 3, "precision": 2 / 3, "recall": 2 / 3}
+    assert script.top_k_hits(np.array([7]), changed, 3)["precision"] == 1.0  # fewer than k
+    np.testing.assert_array_equal(
+        script.rank_by_memorization(np.array([0.1, np.nan, 0.9, 0.5])), [2, 3, 0, 1])
+    labels = np.array([0, 1, 2, 3, 4])
+    suggested = np.array([0, 2, -1, 1, 3])
+    share = np.array([1.0, 0.6, np.nan, 0.9, 0.6])
+    np.testing.assert_array_equal(script.rank_by_suggestion(labels, suggested, share),
+                                  [3, 1, 4])
+    probs, unheld = script.out_of_sample_probs(np.array([[1.0, 3.0], [0.0, 0.0]]),
+                                               np.array([[1, 3], [0, 0]]))
+    np.testing.assert_allclose(probs, [[0.25, 0.75], [0.5, 0.5]])
+    assert unheld == 1
+
+
+def test_without_cleanlab_the_script_stops_before_training(script, monkeypatch, capsys):
+    monkeypatch.setattr(script.importlib.util, "find_spec", lambda name: None)
+    assert script.main(["--out", "/nonexistent/never-written"]) == 2
+    assert "pip install cleanlab" in capsys.readouterr().err
+
+
+def test_cleanlab_flags_confidently_other_labels_first(script):
+    pytest.importorskip("cleanlab")
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    probs = np.full((200, 4), 0.02)
+    probs[np.arange(200), labels] = 0.94
+    probs += rng.uniform(0, 0.01, probs.shape)
+    wrong = np.array([3, 60, 120, 170])
+    probs[wrong] = 0.02
+    probs[wrong, (labels[wrong] + 1) % 4] = 0.94
+    probs /= probs.sum(1, keepdims=True)
+    ranked = script.cleanlab_ranking(labels, probs)
+    np.testing.assert_array_equal(np.sort(ranked[:4]), wrong)
