@@ -78,6 +78,7 @@ def summary(out: str, metrics: dict) -> str:
         f" ({metrics['low_count_examples']} examples flagged: fewer than "
         f"{metrics['min_count']} in- or held-out models, score NaN)",
         noise_line(metrics),
+        *([pilot_line(metrics["pilot"])] if metrics.get("pilot") else []),
         *([f"canaries: {round(metrics['canary_recall'] * metrics['num_canaries'])} of "
            f"{metrics['num_canaries']} ({100 * metrics['canary_recall']:.0f}%) score above "
            f"{metrics['threshold']} (planted label changes, not in the count above)"]
@@ -95,6 +96,12 @@ def summary(out: str, metrics: dict) -> str:
                           if metrics.get("peak_memory_bytes") else ""),
         f"run directory: {out}  (load with jaxmem.load_run({out!r}))",
     ])
+
+
+def pilot_line(pilot: dict) -> str:
+    return (f"pilot: {pilot['found']}: trained {pilot['chosen_epochs']} epochs; the pilot "
+            f"({pilot['models']} models) took {pilot['seconds']:.0f} s, "
+            f"{100 * pilot['share_of_run']:.0f}% of the run")
 
 
 def noise_line(metrics: dict) -> str:
@@ -141,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        kept = f"; finished epochs are kept in {out}.partial: rerun with --resume" if out else ""
-        print(f"interrupted; no run directory was written{kept}", file=sys.stderr)
+        kept = [d for d in (f"{out}.pilot", f"{out}.partial") if out and os.path.exists(d)]
+        where = f"; finished epochs are kept in {' and '.join(kept)}: rerun with --resume"
+        print(f"interrupted; no run directory was written{where if kept else ''}",
+              file=sys.stderr)
         return 130
 

@@ -36,10 +36,12 @@ def config_of(record: dict) -> Config:
 
 
 def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
-               model_range: str | None = None) -> str:
+               model_range: str | None = None, pilot: dict | None = None) -> str:
     """Merge part directories into `out` (which may be one of the parts: it is replaced
     atomically). model_range: the range the parts must cover together (default: all of the
-    largest --num-models among the parts; with --until-se, up to the last model trained)."""
+    largest --num-models among the parts; with --until-se, up to the last model trained).
+    pilot: the record of the pilot that chose the run's length (its time not in any part,
+    `unused_seconds`, counts towards the wall time)."""
     if not part_dirs:
         raise UserError("no part directories given")
     check_output_dir(out, overwrite)
@@ -77,8 +79,8 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
                                            if k not in ("masks", "settings")},
                     first.canary_index, first.canary_original_label)
     provenance = {k: first.config[k] for k in PROVENANCE if k in first.config}
-    write_run(out, config.to_dict(), info, result, sum(p.metrics["wall_time_s"] for p in parts),
-              provenance)
+    wall = sum(p.metrics["wall_time_s"] for p in parts) + (pilot["unused_seconds"] if pilot else 0)
+    write_run(out, config.to_dict(), info, result, wall, provenance, pilot)
     return out
 
 
