@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxmem import load_run, recipes
+from jaxmem.cli import summary
 from jaxmem.config import Config
 from jaxmem.data.synthetic import make
 from jaxmem.errors import UserError
@@ -71,6 +72,8 @@ def test_the_pilot_lengthens_until_the_models_fit_and_its_models_are_the_runs(
     assert piloted.metrics["train_acc"] == 1.0 and not piloted.metrics["warnings"]
     assert record["models"] == 2 and 0 < record["share_of_run"] < 1
     assert f": training {chosen} epochs (2 models" in capsys.readouterr().out
+    assert f"epochs: trained {chosen} epochs; the pilot (2 models) took" in summary(
+        out, piloted.metrics)
     assert not os.path.exists(out + ".pilot") and not os.path.exists(out + ".partial")
     # the pilot's models at the chosen length are the run's models 0 and 1: the run equals one
     # given that length and no pilot, bit for bit
