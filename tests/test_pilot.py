@@ -129,12 +129,15 @@ def test_an_interrupted_pilot_resumes_without_redoing_a_finished_length(
         trained.append(config.epochs)
         return train_and_evaluate(config, out, **options)
 
+    monkeypatch.setattr(pilot, "MIN_PILOT_MODELS", 3)  # as if resumed on more devices
     resumed = load_run(pilot.run_with_pilot(config_for(npz), RECIPE, out, False, True, False,
                                             counted))
     chosen = resumed.config["epochs"]
     assert trained[0] == 4 and 4 not in trained[1:]  # the finished length is not redone
     assert chosen > 4 and trained[-1] == chosen  # the run's other models, at that length
     assert [t["epochs"] for t in resumed.metrics["pilot"]["tried"]][0] == 4
+    assert resumed.metrics["pilot"]["models"] == 2  # as many as the finished length holds
+    np.testing.assert_array_equal(resumed.model_indices, np.arange(4))
 
 
 def test_given_epochs_or_no_pilot_skip_it_and_a_grown_run_keeps_its_length(tmp_path):

@@ -55,8 +55,14 @@ def wanted(config: Config, sources: dict[str, str]) -> bool:
     return config.pilot and sources.get("epochs") == "recipe"
 
 
-def pilot_models(config: Config) -> int:
-    """P, the models the pilot trains at every length (see the module docstring)."""
+def pilot_models(config: Config, base: str) -> int:
+    """P, the models the pilot trains at every length (see the module docstring), or, on
+    resume, the number its finished lengths in `base` hold (the device count may differ)."""
+    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        path = os.path.join(base, name, "config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return int(json.load(f)["model_range"].split(":")[1])
     return min(config.num_models, max(MIN_PILOT_MODELS, jax.device_count()))
 
 
@@ -96,7 +102,7 @@ def run_with_pilot(config: Config, sources: dict[str, str], out: str, overwrite:
     elif os.path.isdir(base) and not resume:
         raise UserError(f"an interrupted run's pilot was found in {base}; pass --resume to "
                         "continue it, or --overwrite to start again")
-    count, sources = pilot_models(config), chosen_sources(sources)
+    count, sources = pilot_models(config, base), chosen_sources(sources)
     recorded = {"setting_sources": sources}
     tried = []
     for epochs in lengths(config.epochs):
