@@ -84,6 +84,7 @@ def summary(out: str, metrics: dict) -> str:
         f" ({metrics['low_count_examples']} examples flagged: fewer than "
         f"{metrics['min_count']} in- or held-out models, score NaN)",
         noise_line(metrics),
+        *([pilot_line(metrics["pilot"])] if metrics.get("pilot") else []),
         *([f"canaries: {round(metrics['canary_recall'] * metrics['num_canaries'])} of "
            f"{metrics['num_canaries']} ({100 * metrics['canary_recall']:.0f}%) score above "
            f"{metrics['threshold']} (planted label changes, not in the count above)"]
@@ -120,6 +121,12 @@ def table_line(out: str) -> str:
         return f"table: {table} (one row per training example)"
     return (f"table: python -m jaxmem.export {out} writes {table} (one row per training "
             "example: scores, suggested labels, held-out accuracy)")
+
+
+def pilot_line(pilot: dict) -> str:
+    return (f"pilot: {pilot['found']}: trained {pilot['chosen_epochs']} epochs; the pilot "
+            f"({pilot['models']} models) took {pilot['seconds']:.0f} s, "
+            f"{100 * pilot['share_of_run']:.0f}% of the run")
 
 
 def noise_line(metrics: dict) -> str:
@@ -171,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped: {stop}", file=sys.stderr)
             return EXIT_PREEMPTED
         except KeyboardInterrupt:
+            pilot = f"{os.path.abspath(out)}.pilot"  # the pilot's lengths, when one ran
+            kept = [pilot] * os.path.exists(pilot) + [work_dir_for(out, args.grow)]
             print("interrupted; no run directory was written; its checkpoints are kept in "
-                  f"{work_dir_for(out, args.grow)}: rerun with --resume", file=sys.stderr)
+                  f"{' and '.join(kept)}: rerun with --resume", file=sys.stderr)
             return 130
         if jax.process_index() == 0:
             print(summary(out, load_run(out).metrics))

@@ -41,6 +41,9 @@ class Config:
     # datasets' epochs, batch, lr and evaluation interval from jaxmem/recipes.py). Ours:
     # Nesterov momentum 0.9, the peak after 25% of training.
     epochs: int = setting(100, "training epochs")
+    pilot: bool = setting(True, "where the small-data recipe chooses the epochs, first train "
+                          "the run's first models at doubling lengths until they fit "
+                          "(--fit-threshold) and train that long (jaxmem/train/pilot.py)")
     batch_size: int = setting(512, "examples per batch, drawn by each model from its own subset")
     lr: float = setting(0.4, "peak learning rate of the triangular schedule")  # the paper's
     lr_peak_fraction: float = setting(0.25, "share of training spent rising to the peak lr")  # ours
@@ -64,8 +67,10 @@ class Config:
                                      "noise floor reported next to every memorized count")
     fdr: float = setting(0.05, "false discovery rate of the per-example tests behind the "
                          "memorized_fdr set")
-    fit_threshold: float = setting(0.99, "warn when the models' mean accuracy on their own "
-                                   "subsets at the last evaluated epoch is below this")
+    fit_threshold: float = setting(0.999, "warn when the models' mean accuracy on their own "
+                                   "subsets at the last evaluated epoch is below this (and the "
+                                   "pilot's target); rare examples are a small share of a "
+                                   "subset, so 0.99 can leave all of them unfitted")
     # scale-out and fault tolerance
     model_range: str | None = setting(None, "START:END: train only these models (a job-array "
                                       "part; combine parts with experiments/merge.py)")

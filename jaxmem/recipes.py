@@ -24,9 +24,13 @@ an example wrong whether it trained on it or not, and its scores show nothing.
   Measured (tiny_cnn, 2 CPU cores): a 1,400-image 16x16 file with planted sub-populations, K =
   48: own-subset accuracy 1.000, singletons scoring 0.91 on average, groups of 8 and more 0.00;
   digits with 30 labels changed, K = 32: the 30 changed labels are the 30 highest scores.
+  The recipe works from what the user gave: a given batch size gets its own learning rate
+  (the same square-root rule) and enough epochs for MIN_TOTAL_STEPS; given epochs get about
+  EVALUATIONS evaluations. The epochs it chooses are a starting point: on data the recipe
+  was not measured on, a pilot (`jaxmem/train/pilot.py`) lengthens them until the models fit.
 
-`resolve` records where every setting came from (flag, recipe or default); the run directory
-keeps that record in config.json.
+`resolve` records where every setting came from (flag, recipe or default; "pilot" once the
+pilot chose the epochs); the run directory keeps that record in config.json.
 """
 
 from __future__ import annotations
@@ -48,42 +52,53 @@ MIN_TRANSLATED_SIZE = 32  # smaller images are not translated
 EVALUATIONS = 6  # evaluated epochs of a small-data run (every epochs // EVALUATIONS, and the last)
 
 
-def small_data_recipe(num_train: int, subset_ratio: float, image_size: int) -> dict:
+def small_data_recipe(num_train: int, subset_ratio: float, image_size: int,
+                      given: dict | None = None) -> dict:
     """Batch size, peak learning rate, epochs, evaluation interval and translation for a
     training set of num_train images of side image_size (each model trains on round(r *
-    num_train) of them)."""
+    num_train) of them). given: the settings the user gave; the others are computed from them
+    (a given batch size gets its own learning rate and enough epochs for MIN_TOTAL_STEPS,
+    given epochs get about EVALUATIONS evaluations), and given ones are left out."""
+    given = given or {}
     subset = subset_size(num_train, subset_ratio)
     if subset / PAPER_BATCH >= MIN_STEPS_PER_EPOCH:  # not small: the paper's recipe
         return {}
     batch = PAPER_BATCH
     while batch > MIN_BATCH and subset / batch < MIN_STEPS_PER_EPOCH:
         batch //= 2
+    batch = given.get("batch_size", batch)
     steps = math.ceil(subset / batch)
-    epochs = max(MIN_EPOCHS, math.ceil(MIN_TOTAL_STEPS / steps))
+    epochs = given.get("epochs", max(MIN_EPOCHS, math.ceil(MIN_TOTAL_STEPS / steps)))
     recipe = {"batch_size": batch, "lr": PAPER_LR * math.sqrt(batch / PAPER_BATCH),
-              "epochs": epochs, "eval_every": max(1, epochs // EVALUATIONS)}
+              "epochs": epochs, "eval_every": evaluation_interval(epochs)}
     if image_size < MIN_TRANSLATED_SIZE:
         recipe["translate"] = 0
-    return recipe
+    return {k: v for k, v in recipe.items() if k not in given}
 
 
-def recipe(config: Config) -> dict:
-    """The recipe's settings for the config's dataset (empty for the paper's datasets: Config's
-    defaults are the paper's recipe). Other data is loaded to count its training examples."""
+def evaluation_interval(epochs: int) -> int:
+    """Evaluate every this many epochs: about EVALUATIONS evaluations (and always the last)."""
+    return max(1, epochs // EVALUATIONS)
+
+
+def recipe(config: Config, given: dict | None = None) -> dict:
+    """The recipe's settings for the config's dataset, computed from those `given` (empty for
+    the paper's datasets: Config's defaults are the paper's recipe). Other data is loaded to
+    count its training examples."""
     if config.dataset in PAPER_DATASETS:
         return {}
     from jaxmem import data
 
     loaded = data.load_for(config)
-    return small_data_recipe(loaded.num_train, config.subset_ratio, min(loaded.image_shape[:2]))
+    return small_data_recipe(loaded.num_train, config.subset_ratio, min(loaded.image_shape[:2]),
+                             given)
 
 
 def resolve(given: dict) -> tuple[Config, dict[str, str]]:
     """Config from the settings the user gave, the dataset's recipe for the rest, and Config's
     defaults; with {setting: "flag" | "recipe" | "default"}."""
     base = Config(**given)  # validates what was given
-    chosen = recipe(base)
-    from_recipe = {k: v for k, v in chosen.items() if k not in given}
+    from_recipe = recipe(base, given)
     config = dataclasses.replace(base, **from_recipe)
     sources = {field.name: "flag" if field.name in given else
                "recipe" if field.name in from_recipe else "default"

@@ -38,3 +38,25 @@ def test_the_papers_datasets_get_the_papers_recipe_without_reading_the_data():
     assert (config.epochs, config.batch_size, config.lr, config.weight_decay) == (
         100, 512, 0.4, 5e-4)
     assert "recipe" not in sources.values()
+
+
+def test_the_recipe_recomputes_from_a_given_batch_size_or_epochs():
+    # digits (1,258 examples, subsets of 881) with --batch-size 256: 4 steps per epoch, so 125
+    # epochs reach the recipe's 500 steps, at the square-root learning rate of batch 256
+    big = recipes.small_data_recipe(1258, 0.7, 8, {"batch_size": 256})
+    assert "batch_size" not in big and big["epochs"] == 125 and big["eval_every"] == 20
+    assert np.isclose(big["lr"], 0.4 * np.sqrt(256 / 512))
+    # --epochs 200: about six evaluations, not every 3 epochs (67 evaluations)
+    long = recipes.small_data_recipe(1258, 0.7, 8, {"epochs": 200})
+    assert "epochs" not in long and long["eval_every"] == 33 and long["batch_size"] == 32
+    assert len(Config(epochs=200, eval_every=long["eval_every"]).eval_epochs()) == 7
+    given = {"epochs": 200, "eval_every": 5, "lr": 0.3, "batch_size": 64}
+    assert recipes.small_data_recipe(1258, 0.7, 8, given) == {"translate": 0}
+
+
+def test_resolve_records_what_the_recipe_computed_from_a_flag():
+    config, sources = recipes.resolve({"dataset": "digits", "batch_size": 256})
+    assert (config.batch_size, config.epochs, config.eval_every) == (256, 125, 20)
+    assert np.isclose(config.lr, 0.4 * np.sqrt(0.5))
+    assert sources["batch_size"] == "flag"
+    assert sources["lr"] == sources["epochs"] == sources["eval_every"] == "recipe"

@@ -14,9 +14,10 @@ import numpy as np
 
 from jaxmem.errors import UserError
 
-# Settings that change no result (only speed, placement or where things are).
+# Settings that change no result (only speed, placement or where things are; the pilot only
+# chooses the epochs, which are recorded themselves).
 EXECUTION_SETTINGS = ("data_dir", "download", "eval_batch_size", "models_per_wave", "conv_impl",
-                      "ensemble", "model_range", "checkpoint_seconds", "host_memory")
+                      "ensemble", "model_range", "checkpoint_seconds", "host_memory", "pilot")
 # Settings that change only what a run reports about itself (its warnings), no score.
 REPORT_SETTINGS = ("fit_threshold", "null_permutations", "fdr")
 # Settings that decide which models a run holds and keeps, not what any model computes: model k

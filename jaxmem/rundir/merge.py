@@ -37,13 +37,15 @@ def config_of(record: dict) -> Config:
 
 
 def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
-               model_range: str | None = None, report: dict | None = None) -> str:
+               model_range: str | None = None, report: dict | None = None,
+               pilot: dict | None = None) -> str:
     """Merge part directories into `out` (which may be one of the parts: it is replaced
     atomically). model_range: the range the parts must cover together (default: all of the
     largest --num-models among the parts; with --until-se, up to the last model trained).
     report: settings that change only what the run reports (REPORT_SETTINGS: --fdr,
     --null-permutations, --fit-threshold) to use and record instead of the parts' (which must
-    then agree on those not given)."""
+    then agree on those not given). pilot: the record of the pilot that chose the run's length
+    (its time not in any part, `unused_seconds`, counts towards the wall time)."""
     if not part_dirs:
         raise UserError("no part directories given")
     check_output_dir(out, overwrite)
@@ -85,8 +87,9 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
     provenance = {k: first.config[k] for k in PROVENANCE if k in first.config}
     intervals = [i for p in parts for i in p.metrics.get("run_intervals_utc", [])]
     untimed = sum(p.metrics["wall_time_s"] for p in parts if "run_intervals_utc" not in p.metrics)
-    write_run(out, config.to_dict(), info, result, busy_seconds(intervals) + untimed,
-              provenance, intervals)
+    unused = pilot["unused_seconds"] if pilot else 0.0
+    write_run(out, config.to_dict(), info, result, busy_seconds(intervals) + untimed + unused,
+              provenance, intervals, pilot)
     return out
 
 

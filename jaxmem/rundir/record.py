@@ -82,12 +82,13 @@ def check_output_dir(out: str, overwrite: bool) -> None:
 
 
 def write_run(out: str, settings: dict, info: DataInfo, result: EnsembleResult, wall: float,
-              provenance: dict, intervals: list = ()) -> None:
+              provenance: dict, intervals: list = (), pilot: dict | None = None) -> None:
     """The run directory of `result`. settings: Config.to_dict(); provenance: how it was
     computed (resolved lowering, parameter count, versions, backend), recorded as given;
     wall: seconds the run took; intervals: when it (each of its parts) ran, [start, end] in
     seconds since the epoch (UTC), so that merges can tell parallel parts from sequential
-    ones."""
+    ones; pilot: the record of the pilot that chose the length (train/pilot.py), with its share
+    of the wall time and its warning added to metrics.json."""
     record = {
         **settings,
         **provenance,
@@ -108,6 +109,9 @@ def write_run(out: str, settings: dict, info: DataInfo, result: EnsembleResult, 
     metrics["noise_floor"] = null.as_dict()
     if intervals:
         metrics["run_intervals_utc"] = [[float(a), float(b)] for a, b in intervals]
+    if pilot:
+        metrics["pilot"] = {**pilot, "share_of_run": pilot["seconds"] / max(wall, 1e-9)}
+        metrics["warnings"] += [pilot["warning"]] if pilot["warning"] else []
     save_run(out, record, metrics,
              {"masks": result.masks, "correct_train": result.correct_train[-1],
               "correct_test": result.correct_test[-1]},
@@ -163,16 +167,20 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
     }
 
 
-def fit_warning(train_acc: float | None, fit_threshold: float) -> str | None:
-    """One plain sentence when the models do not fit their own training subsets."""
+def fit_warning(train_acc: float | None, fit_threshold: float, subset: int) -> str | None:
+    """One plain sentence when the models do not fit their own training subsets (of `subset`
+    examples each: every subset has the same size)."""
     if train_acc is None:
         return "Every model diverged: there are no scores."
     if train_acc >= fit_threshold:
         return None
-    return (f"The models fit only {100 * train_acc:.1f}% of their own training subsets "
-            f"(below {100 * fit_threshold:g}%), so memorization cannot show: a held-out and an "
-            "in-subset model both miss the atypical examples. Train longer (--epochs), with "
-            "more steps per epoch (a smaller --batch-size) or a larger --arch.")
+    unfitted = (1 - train_acc) * subset
+    return (f"The models fit only {train_acc:.3f} of their own training subsets: {unfitted:,.0f} "
+            f"of {subset:,} examples unfitted on average (fit target {fit_threshold:g}), so "
+            "memorization may not show: rare examples (changed labels, atypical ones) are a "
+            "small share of a subset, and a held-out and an in-subset model both miss those "
+            "left unfitted. Train longer (--epochs), with more steps per epoch (a smaller "
+            "--batch-size) or a larger --arch.")
 
 
 def noise_floor(result: EnsembleResult, scores: dict, settings: dict
@@ -229,7 +237,7 @@ def summary_metrics(result: EnsembleResult, scores: dict, settings: dict, wall: 
     fit = [float(acc[keep].mean()) if keep.any() else None for acc in scores["train_acc"]]
     by_epoch = estimator.memorized_count(scores["memorization_by_epoch"][:, real], threshold)
     recall = canary_recall(scores["memorization_by_epoch"][:, ~real], threshold)
-    warnings = [fit_warning(fit[-1], settings["fit_threshold"]),
+    warnings = [fit_warning(fit[-1], settings["fit_threshold"], int(result.masks[0].sum())),
                 canary_warning(recall[-1] if recall else None, int((~real).sum()), threshold)]
     return {
         "warnings": [w for w in warnings if w],

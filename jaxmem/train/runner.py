@@ -36,7 +36,7 @@ from jaxmem.rundir.fingerprint import (
     result_fingerprints,
     settings_hash,
 )
-from jaxmem.train import lowering
+from jaxmem.train import lowering, pilot
 from jaxmem.train.checkpoint import WorkDir
 from jaxmem.train.loop import train_ensemble
 
@@ -84,7 +84,8 @@ def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
     resume: continue the interrupted run whose work directory `<out>.partial` exists.
     grow: `out` is a finished run of the same settings with fewer models: train only the
     models it lacks and add them to it (see `grow_run`).
-    sources: where each setting came from (flag, recipe, default), recorded in config.json.
+    sources: where each setting came from (flag, recipe, default), recorded in config.json;
+    where the recipe chose the epochs, a pilot chooses them instead (train/pilot.py).
     """
     provenance_extra = {"setting_sources": sources or {}}
     if overwrite and resume:
@@ -97,8 +98,12 @@ def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
                         "does not see; merge the parts, then add models to the merged run "
                         "with --grow --until-se")
     if grow:
+        config = pilot.grown_length(config, sources or {}, out)
         return grow_run(config, out, resume, progress, provenance_extra, overwrite)
     check_output_dir(out, overwrite)
+    if pilot.wanted(config, sources or {}):
+        return pilot.run_with_pilot(config, sources, out, overwrite, resume, progress,
+                                    train_and_evaluate)
     if jax.process_count() > 1:
         return run_multiprocess(config, out, overwrite, resume, progress, provenance_extra)
     return train_and_evaluate(config, out, overwrite, resume, progress,

@@ -1,0 +1,48 @@
+"""How well a run finds the label changes planted by `experiments/make_subset.py`.
+
+    python experiments/planted_scores.py RUN_DIR fmnist-3000.npz
+
+Prints own-subset accuracy, the AUC of the changed labels' scores against the rest's (the
+probability that a changed label outscores an unchanged one, ties half), how many changed
+labels score above the run's threshold, and how many are among the top k scores (k = the
+number changed).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from jaxmem import load_run
+
+
+def auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Mann-Whitney AUC of positive against negative scores (NaN scores count as lowest)."""
+    positive, negative = np.nan_to_num(positive, nan=-np.inf), np.nan_to_num(negative,
+                                                                               nan=-np.inf)
+    above = (positive[:, None] > negative[None]).mean()
+    ties = (positive[:, None] == negative[None]).mean()
+    return float(above + ties / 2)
+
+
+def main(argv: list[str]) -> None:
+    run = load_run(argv[0])
+    with np.load(argv[1]) as planted:
+        changed = planted["changed_index"]
+    scores = run.memorization
+    is_changed = np.zeros(len(scores), bool)
+    is_changed[changed] = True
+    top = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:len(changed)]
+    threshold = run.metrics["threshold"]
+    print(f"own-subset accuracy {run.metrics['train_acc']:.4f} (by evaluated epoch "
+          f"{', '.join(f'{a:.3f}' for a in run.metrics['train_acc_by_epoch'])}), test "
+          f"{run.metrics['test_acc']:.3f}, {run.config['epochs']} epochs")
+    print(f"changed labels: AUC {auc(scores[is_changed], scores[~is_changed]):.3f}, "
+          f"{int((scores[changed] > threshold).sum())} of {len(changed)} above {threshold}, "
+          f"{int(is_changed[top].sum())} in the top {len(changed)}, mean score "
+          f"{np.nanmean(scores[changed]):.2f}; memorized count {run.metrics['memorized_count']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
