@@ -92,10 +92,13 @@ def rank_by_memorization(memorization: np.ndarray) -> np.ndarray:
     return np.argsort(-np.nan_to_num(memorization, nan=-np.inf), kind="stable")
 
 
-def rank_by_suggestion(labels, suggested, share) -> np.ndarray:
-    """Indices whose held-out suggestion disagrees with the label, largest share first."""
+def rank_by_suggestion(labels, suggested, share, heldout_probs) -> np.ndarray:
+    """Indices whose held-out suggestion disagrees with the label, largest share first; equal
+    shares (with ~5 held-out models, many are 1.0) by the held-out probability of the given
+    label, lowest first."""
     disagree = np.flatnonzero((suggested >= 0) & (suggested != labels))
-    return disagree[np.argsort(-share[disagree], kind="stable")]
+    confidence = heldout_probs[disagree, labels[disagree]]
+    return disagree[np.lexsort((confidence, -share[disagree]))]
 
 
 def out_of_sample_probs(prob_sum: np.ndarray, votes: np.ndarray) -> tuple[np.ndarray, int]:
@@ -161,7 +164,8 @@ def main(argv=None) -> int:
     rankings = {
         "jaxmem memorization": rank_by_memorization(ensemble.memorization),
         "jaxmem suggested label": rank_by_suggestion(labels, ensemble.suggested_label,
-                                                     ensemble.suggested_label_share),
+                                                     ensemble.suggested_label_share,
+                                                     jaxmem_probs),
         "cleanlab on jaxmem heldout_probs": cleanlab_ranking(labels, jaxmem_probs),
         f"cleanlab on {args.folds}-fold CV": cleanlab_ranking(labels, cv_probs),
     }

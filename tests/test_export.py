@@ -10,6 +10,7 @@ import pytest
 
 from jaxmem import cli, estimator, export, load_run
 from jaxmem.errors import UserError
+from jaxmem.rundir.table import table_columns
 
 
 def read_csv(path):
@@ -64,7 +65,7 @@ def test_canaries_keep_their_original_label_and_file_names_come_along(fake_run_d
     run = load_run(path)
     changed = dataclasses.replace(run, canary_index=np.array([4, 9]),
                                   canary_original_label=(run.labels[[4, 9]] + 1) % 10)
-    columns = export.table_columns(changed)
+    columns = table_columns(changed)
     assert list(columns)[:3] == ["index", "file_name", "original_index"]
     assert columns["file_name"][9] == "img_009.png"
     np.testing.assert_array_equal(np.flatnonzero(columns["canary"]), [4, 9])
@@ -78,7 +79,7 @@ def test_canaries_keep_their_original_label_and_file_names_come_along(fake_run_d
 
 def test_to_frame_gives_the_same_columns_and_needs_pandas_only_there(fake_run_dir, monkeypatch):
     run = load_run(fake_run_dir(num_train=50, num_test=10, dataset="synthetic", num_models=6))
-    columns = export.table_columns(run)
+    columns = table_columns(run)
     in_correct, _ = estimator.correct_counts(np.asarray(run.masks), np.asarray(run.correct_train))
     np.testing.assert_array_equal(columns["in_count"] * columns["in_subset_acc"], in_correct)
     pd = pytest.importorskip("pandas")

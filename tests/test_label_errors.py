@@ -66,8 +66,10 @@ def test_rankings_and_their_precision_and_recall(script):
     labels = np.array([0, 1, 2, 3, 4])
     suggested = np.array([0, 2, -1, 1, 3])
     share = np.array([1.0, 0.6, np.nan, 0.9, 0.6])
-    np.testing.assert_array_equal(script.rank_by_suggestion(labels, suggested, share),
-                                  [3, 1, 4])
+    probs = np.full((5, 5), 0.2)
+    probs[1, 1], probs[4, 4] = 0.3, 0.1  # equal shares: the less likely given label first
+    np.testing.assert_array_equal(script.rank_by_suggestion(labels, suggested, share, probs),
+                                  [3, 4, 1])
     probs, unheld = script.out_of_sample_probs(np.array([[1.0, 3.0], [0.0, 0.0]]),
                                                np.array([[1, 3], [0, 0]]))
     np.testing.assert_allclose(probs, [[0.25, 0.75], [0.5, 0.5]])

@@ -190,7 +190,7 @@ class Run:
             raise UserError("Run.to_frame needs pandas, which jaxmem does not install: pip "
                             "install pandas (or write a CSV: python -m jaxmem.export RUN)"
                             ) from None
-        from jaxmem.export import table_columns
+        from jaxmem.rundir.table import table_columns
 
         return pd.DataFrame(table_columns(self))
 
