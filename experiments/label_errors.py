@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import importlib.util
 import json
 import os
@@ -36,38 +35,8 @@ import time
 
 import numpy as np
 
-NUM_CLASSES = 10
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-FILES = {"x_train": "train-images-idx3-ubyte.gz", "y_train": "train-labels-idx1-ubyte.gz",
-         "x_test": "t10k-images-idx3-ubyte.gz", "y_test": "t10k-labels-idx1-ubyte.gz"}
-
-
-def read_idx(path: str) -> np.ndarray:
-    """An idx file (gzipped, unsigned bytes: MNIST's format) as a uint8 array."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an idx file of unsigned bytes")
-    dims = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * d:8 + 4 * d], "big") for d in range(dims))
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
-def build_subset(source: dict[str, np.ndarray], num_train: int, num_test: int,
-                 num_changed: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Arrays of an .npz dataset ([n, H, W, 1] uint8 images) drawn from `source`, with
-    `num_changed` training labels changed to another class; and the changed indices."""
-    rng = np.random.default_rng(seed)
-    train = np.sort(rng.choice(len(source["y_train"]), num_train, replace=False))
-    test = np.sort(rng.choice(len(source["y_test"]), num_test, replace=False))
-    arrays = {"x_train": source["x_train"][train][..., None],
-              "y_train": source["y_train"][train].astype(np.int64),
-              "x_test": source["x_test"][test][..., None],
-              "y_test": source["y_test"][test].astype(np.int64)}
-    changed = np.sort(rng.choice(num_train, num_changed, replace=False))
-    shift = rng.integers(1, NUM_CLASSES, num_changed)
-    arrays["y_train"][changed] = (arrays["y_train"][changed] + shift) % NUM_CLASSES
-    return arrays, changed
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling make_subset.py
+from make_subset import FASHION_DIR, build_subset, read_source  # noqa: E402
 
 
 def fold_masks(num_examples: int, folds: int, seed: int) -> np.ndarray:
@@ -140,9 +109,9 @@ def main(argv=None) -> int:
     from jaxmem.train.runner import run
 
     os.makedirs(args.out, exist_ok=True)
-    source = {name: read_idx(os.path.join(args.fashion_dir, file))
-              for name, file in FILES.items()}
-    arrays, changed = build_subset(source, args.train, args.test, args.changed, args.seed)
+    arrays = build_subset(read_source(args.fashion_dir), args.train, args.test, args.changed,
+                          args.seed)
+    changed = arrays["changed_index"]
     npz = os.path.join(args.out, "fashion_subset.npz")
     np.savez(npz, **arrays)
 

@@ -14,44 +14,57 @@ The file records which: `changed_index` and `original_label`, which `jaxmem` ign
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
+from pathlib import Path
 
 import numpy as np
 
+from jaxmem.data.mnist import read_idx
 
-def read_idx(path: str) -> np.ndarray:
-    """An idx file (gzip): big-endian dims after a 4-byte magic whose last byte is the rank."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    rank = raw[3]
-    shape = np.frombuffer(raw, ">u4", rank, 4).astype(int)
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * rank).reshape(shape)
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+FILES = {"x_train": ("train-images-idx3-ubyte.gz", "images"),
+         "y_train": ("train-labels-idx1-ubyte.gz", "labels"),
+         "x_test": ("t10k-images-idx3-ubyte.gz", "images"),
+         "y_test": ("t10k-labels-idx1-ubyte.gz", "labels")}
+
+
+def read_source(folder: str) -> dict[str, np.ndarray]:
+    """The four idx files of an MNIST-family folder, read by jaxmem's own idx reader."""
+    return {name: read_idx(Path(folder) / file, kind, os.path.basename(folder))
+            for name, (file, kind) in FILES.items()}
+
+
+def build_subset(source: dict[str, np.ndarray], num_train: int, num_test: int,
+                 num_changed: int, seed: int) -> dict[str, np.ndarray]:
+    """The arrays of an .npz dataset ([n, H, W, 1] uint8 images) drawn from `source` by the
+    seed, with `num_changed` training labels changed to another class (also by the seed):
+    `changed_index` and their `original_label` say which."""
+    rng = np.random.default_rng(seed)
+    train = np.sort(rng.choice(len(source["y_train"]), num_train, replace=False))
+    test = np.sort(rng.choice(len(source["y_test"]), num_test, replace=False))
+    labels = source["y_train"][train].astype(np.int64)
+    changed = np.sort(rng.choice(num_train, num_changed, replace=False))
+    original = labels[changed].copy()
+    num_classes = int(source["y_train"].max()) + 1
+    labels[changed] = (original + rng.integers(1, num_classes, num_changed)) % num_classes
+    return {"x_train": source["x_train"][train][..., None], "y_train": labels,
+            "x_test": source["x_test"][test][..., None],
+            "y_test": source["y_test"][test].astype(np.int64),
+            "changed_index": changed, "original_label": original}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--source", default=FASHION_DIR)
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--changed", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    load = lambda name: read_idx(os.path.join(args.source, name))  # noqa: E731
-    x_train, y_train = load("train-images-idx3-ubyte.gz"), load("train-labels-idx1-ubyte.gz")
-    x_test, y_test = load("t10k-images-idx3-ubyte.gz"), load("t10k-labels-idx1-ubyte.gz")
-    rng = np.random.default_rng(args.seed)
-    train = np.sort(rng.choice(len(x_train), args.train, replace=False))
-    test = np.sort(rng.choice(len(x_test), args.test, replace=False))
-    labels = y_train[train].astype(np.int64)
-    changed = np.sort(rng.choice(args.train, args.changed, replace=False))
-    original = labels[changed].copy()
-    num_classes = int(y_train.max()) + 1
-    labels[changed] = (original + rng.integers(1, num_classes, args.changed)) % num_classes
-    np.savez_compressed(args.out, x_train=x_train[train][..., None], y_train=labels,
-                        x_test=x_test[test][..., None], y_test=y_test[test].astype(np.int64),
-                        changed_index=changed, original_label=original)
+    arrays = build_subset(read_source(args.source), args.train, args.test, args.changed,
+                          args.seed)
+    np.savez_compressed(args.out, **arrays)
     print(f"{args.out}: {args.train} training images ({args.changed} labels changed), "
           f"{args.test} test images")
 
