@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import http.client
 import os
@@ -40,6 +39,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from jaxmem.errors import UserError
+from jaxmem.lockfile import lock_file
 
 ENV_VAR = "JAXMEM_NO_DOWNLOAD"
 MIRROR_VAR = "JAXMEM_DOWNLOAD_MIRROR"
@@ -91,22 +91,8 @@ def source_url(filename: str, archive: Archive) -> str:
 @contextlib.contextmanager
 def locked(path: Path, waiting: str):
     """Hold an exclusive flock on `path` (created if missing; removed on release), printing
-    `waiting` if another process holds it. Reopens when the file it waited on was removed by
-    its previous holder in the meantime."""
-    while True:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(waiting, file=sys.stderr)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
+    `waiting` while another process holds it."""
+    fd = lock_file(str(path), waiting)
     try:
         yield
     finally:
