@@ -346,11 +346,12 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
             size = wave_size(trainer, len(todo))
             if first_wave and wave_size.memory is not None:
                 bar.write(wave_size.memory.line())
-            checkpoint = resumable(work, todo)
+            checkpoints = work.checkpoints() if work else []
+            checkpoint = resumable(checkpoints, todo)
             wave = np.asarray([k for k in todo if checkpoint is None or k in checkpoint.models]
                               [:size])
             if checkpoint is None:  # stop before models that a checkpoint holds
-                held = [k for c in work.checkpoints() for k in c.models] if work else []
+                held = [k for c in checkpoints for k in c.models]
                 wave = wave[:next((i for i, k in enumerate(wave) if k in held), len(wave))]
             bar.expect(math.ceil(len(todo) / size) * config.epochs * trainer.steps)
             if first_wave:  # the plan of this invocation, printed once a step is timed
@@ -385,9 +386,9 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
         memory_plan=wave_size.record(), heldout=combine(done))
 
 
-def resumable(work: WorkDir | None, todo: list[int]) -> Checkpoint | None:
+def resumable(checkpoints: list[Checkpoint], todo: list[int]) -> Checkpoint | None:
     """The checkpoint to continue next: the furthest one holding the first model to train."""
-    held = [c for c in (work.checkpoints() if work else []) if todo[0] in c.models]
+    held = [c for c in checkpoints if todo[0] in c.models]
     return max(held, key=lambda c: c.position, default=None)
 
 
