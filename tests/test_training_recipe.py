@@ -11,7 +11,13 @@ from jaxmem import models
 from jaxmem.config import Config
 from jaxmem.train.augment import augment
 from jaxmem.train.optim import make_optimizer, triangular_schedule
-from jaxmem.train.step import ModelState, StepSpec, eval_correct, normalize, train_inputs
+from jaxmem.train.step import (
+    ModelState,
+    StepSpec,
+    eval_predictions,
+    normalize,
+    train_inputs,
+)
 
 augment_jit = jax.jit(augment, static_argnums=(3, 4))
 
@@ -227,12 +233,13 @@ def test_eval_uses_running_statistics_and_leaves_them_unchanged():
 
     @jax.jit
     def evaluate(images, labels):
-        """eval-mode logits, the statistics eval mode writes, eval_correct's answer, and for
-        contrast the train-mode logits"""
+        """eval-mode logits, the statistics eval mode writes, eval_predictions' correctness,
+        and for contrast the train-mode logits"""
         x = normalize(spec, images)
         logits, written = model.apply(variables, x, False, mutable=["batch_stats"])
         train_logits = model.apply(variables, x, True, mutable=["batch_stats"])[0]
-        return logits, written["batch_stats"], eval_correct(spec, state, images, labels), \
+        correct = eval_predictions(spec, state, images, labels)[0]
+        return logits, written["batch_stats"], correct, \
             train_logits
 
     image = rng.integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
@@ -249,7 +256,7 @@ def test_eval_uses_running_statistics_and_leaves_them_unchanged():
         assert bool(evaluate(image, labels[:1])[2][0]) == bool(evaluate(batch, labels)[2][3]) \
             == (label == decision)
 
-    # eval mode writes no statistics (eval_correct applies without `mutable`, which would fail
+    # eval mode writes no statistics (eval_predictions applies without `mutable`, which would fail
     # on a write); asked for them, it returns them unchanged
     for got, want in zip(jax.tree.leaves(written), jax.tree.leaves(state.batch_stats),
                          strict=True):

@@ -124,8 +124,8 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
     each example's p-value of H0: score <= threshold (`significance.margin_pvalues`) and the
     memorized set at false discovery rate `fdr` (`significance.memorized_at_fdr`: Benjamini-
     Hochberg over the real examples), plus per-model accuracies (of every model; a loaded Run
-    filters them) and the held-out
-    predictions (jaxmem/rundir/heldout.py) when the result has them."""
+    filters them) and the held-out predictions (jaxmem/rundir/heldout.py) when the result has
+    them."""
     keep = ~result.diverged
     masks = result.masks
     in_count, out_count = estimator.membership_counts(masks[keep])

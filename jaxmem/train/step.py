@@ -138,11 +138,6 @@ def eval_logits(spec: StepSpec, state: ModelState, images):
                             normalize(spec, images), False)
 
 
-def eval_correct(spec: StepSpec, state: ModelState, images, labels):
-    """[B] bool: does the model classify each image correctly (eval mode)?"""
-    return eval_logits(spec, state, images).argmax(-1) == labels
-
-
 def eval_predictions(spec: StepSpec, state: ModelState, images, labels):
     """Eval mode: ([B] bool correctness, [B] int32 predicted class, [B, C] float32 softmax
     probabilities), from one forward pass. The predicted class is the logits' argmax (the
