@@ -28,6 +28,15 @@ def replacing(path: str | os.PathLike):
         raise
 
 
+def umask_mode(full: int = 0o666) -> int:
+    """The permissions the umask gives a new file (full = 0o666) or folder (0o777): what
+    `open` and `os.makedirs` give, and what `tempfile`'s private 0600/0700 must be set to for a
+    group sharing the folder to read the result."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with replacing(path) as temporary, open(temporary, "w") as f:
         f.write(text)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from jaxmem.atomic import umask_mode
 from jaxmem.errors import UserError
 from jaxmem.lockfile import lock_file
 
@@ -100,13 +101,6 @@ def locked(path: Path, waiting: str):
         os.close(fd)
 
 
-def new_file_mode() -> int:
-    """The permissions the umask gives a new file (0o666 without the umask's bits)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def fetch(filename: str, folder: Path, dataset: str, archive: Archive | None = None) -> Path:
     """Download `filename` into `folder` (or wait for a concurrent download of it), checked;
     returns its final path.
@@ -160,7 +154,7 @@ def _download(filename: str, archive: Archive, target: Path, dataset: str, fix: 
             raise UserError(f"{dataset}: {filename} downloaded from {url} has MD5 "
                             f"{digest.hexdigest()}, not the published {md5}, and was "
                             f"discarded; run again, or {fix}")
-        os.chmod(temp, new_file_mode())  # mkstemp's 0600 would shut out the group
+        os.chmod(temp, umask_mode())  # mkstemp's 0600 would shut out the group
         os.replace(temp, target)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from jaxmem import atomic
-from jaxmem.data.download import new_file_mode
 
 ENV_VAR = "JAXMEM_DATA"
 DEFAULT_DIR = "~/.cache/jaxmem"
@@ -91,7 +90,7 @@ class ArrayWriter:
             array = np.empty(shape, dtype)
         else:
             fd, temp_path = tempfile.mkstemp(dir=self.folder, prefix=f".{key}-", suffix=".npy.tmp")
-            os.fchmod(fd, new_file_mode())  # readable by whoever the umask lets read the data
+            os.fchmod(fd, atomic.umask_mode())  # readable by whoever the umask lets read the data
             os.close(fd)
             self._temp[key] = temp_path
             array = np.lib.format.open_memmap(temp_path, mode="w+", dtype=dtype, shape=shape)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxmem.atomic import umask_mode
 from jaxmem.canaries import real_examples
 from jaxmem.errors import UserError
 from jaxmem.estimator import (
@@ -276,6 +277,7 @@ def save_run(path: str, config: dict, metrics: dict, arrays: dict[str, np.ndarra
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
     try:
+        os.chmod(staging, umask_mode(0o777))  # mkdtemp's 0700 would shut out the group
         for name, value in arrays.items():
             np.save(os.path.join(staging, f"{name}.npy"), value)
         np.savez(os.path.join(staging, "scores.npz"), **scores)
