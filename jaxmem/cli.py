@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         from jaxmem import data, load_run
-        from jaxmem.train.preemption import EXIT_PREEMPTED, Preempted
+        from jaxmem.train.preemption import EXIT_PREEMPTED, Preempted, remembered
         from jaxmem.train.runner import run, work_dir_for
 
         if args.distributed:
@@ -172,8 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         slug = data.slug(config.dataset)
         out = args.out or f"runs/{config.arch}-{slug}-k{config.num_models}-s{config.seed}"
         try:
-            run(config, out, overwrite=args.overwrite, resume=args.resume,
-                progress=not args.no_progress, grow=args.grow, sources=sources)
+            with remembered() as outside:
+                run(config, out, overwrite=args.overwrite, resume=args.resume,
+                    progress=not args.no_progress, grow=args.grow, sources=sources)
+                if jax.process_index() == 0:
+                    print(summary(out, load_run(out).metrics))
+            if outside.received:
+                print(f"{outside.received} arrived while no model was training; the run "
+                      "directory was completed", file=sys.stderr)
         except Preempted as stop:
             print(f"stopped: {stop}", file=sys.stderr)
             return EXIT_PREEMPTED
@@ -183,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted; no run directory was written; its checkpoints are kept in "
                   f"{' and '.join(kept)}: rerun with --resume", file=sys.stderr)
             return 130
-        if jax.process_index() == 0:
-            print(summary(out, load_run(out).metrics))
         return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -392,6 +392,47 @@ def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_in_any_layout(npz, s
     resume_in_layouts(npz, six, out, (2, 6))
 
 
+# The command line with SIGTERM sent at argv[1]: "load" (the dataset is loaded, no model has
+# trained) or "write" (the run directory is being written).
+SIGNAL_OUTSIDE_TRAINING = """
+import signal, sys
+from jaxmem import cli
+from jaxmem.train import runner
+name = {"load": "run_masks", "write": "write_run"}[sys.argv[1]]
+original = getattr(runner, name)
+def signalled(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)
+    return original(*args, **kwargs)
+setattr(runner, name, signalled)
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["load", "write"])
+def test_a_stop_signal_outside_training_loses_nothing(npz, six, tmp_path, where):
+    """SIGTERM before any model trains: exit 75 with nothing trained, and --resume gives the
+    uninterrupted run. SIGTERM while the run directory is written: it is written to the end,
+    exit 0, equal to the uninterrupted run. (Either signal used to kill the process.)"""
+    out = str(tmp_path / "run")
+    child = subprocess.run([sys.executable, "-c", SIGNAL_OUTSIDE_TRAINING, where,
+                            *flags_for(npz, **LAYOUT), f"--out={out}", "--no-progress"],
+                           text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=600)
+    output = child.stdout
+    assert "SIGTERM received: stopping at the next training step" in output, output[-2000:]
+    if where == "load":
+        assert child.returncode == EXIT_PREEMPTED, output[-2000:]
+        assert output.strip().splitlines()[-1].startswith("stopped: SIGTERM received: ")
+        assert contents(work_dir_of(out)) == ([], {})
+        resume_in_layouts(npz, six, out, (3,))
+    else:
+        assert child.returncode == 0, output[-2000:]
+        assert output.strip().splitlines()[-1] == (
+            "SIGTERM arrived while no model was training; the run directory was completed")
+        assert_same_run(load_run(out), six)
+        assert not os.path.exists(work_dir_of(out))
+
+
 def test_every_checkpoint_kind_resumes_with_other_wave_sizes(npz, six, tmp_path, monkeypatch):
     config = config_for(npz, **LAYOUT)
     # SIGTERM at the last step of epoch 1: the epoch ends and is evaluated, then checkpointed

@@ -6,12 +6,22 @@ the wave in progress at that step and raises `Preempted`, which the CLI turns in
 exit status 75 (EX_TEMPFAIL: rerun the same command with --resume). In a multi-process job the
 processes agree on the step to stop at through JAX's preemption sync point (the preemption
 service of `jax.distributed` catches SIGTERM itself and tells every process).
+
+Outside training (loading data, between the pilot's lengths, writing the run directory) a run
+started from the command line remembers the signal instead of dying of it (`remembered`): the
+next training loop stops before its first step, and results that are being written are
+written to the end and the run exits normally, since writing them takes less time than a
+requeue and a resume that would write them again (writes are atomic, so a SIGKILL that follows
+leaves the previous state).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
+import threading
 
 import jax
 from jax.experimental import multihost_utils
@@ -22,6 +32,10 @@ EXIT_PREEMPTED = 75
 # Tests only: "STEP" or "STEP:SIGNAME": the process sends itself SIGTERM (or SIGNAME) after
 # this many training steps, so that the signal arrives at a known step.
 SIGNAL_AT_STEP = "JAXMEM_TEST_SIGNAL_AT_STEP"
+
+
+# The `remembered()` a run is inside, if any: whether a stop signal arrived outside training.
+_outside: Remembered | None = None
 
 
 class Preempted(Exception):  # noqa: N818 (a state the run ends in, not a fault)
@@ -45,6 +59,8 @@ class StopSignals:
         self._multiprocess = jax.process_count() > 1
         step, _, name = os.environ.get(SIGNAL_AT_STEP, "0").partition(":")
         self._test_signal = int(step), signal.Signals[name or "SIGTERM"]
+        if active and _outside and _outside.received:  # it arrived before training
+            self.received, self.stopping = _outside.received, True
 
     def __enter__(self):
         for sig in STOP_SIGNALS if self.active else ():
@@ -76,3 +92,40 @@ class StopSignals:
             self.received = self.received or ("SIGTERM" if self.stopping else None)
         return self.stopping
 
+
+
+class Remembered:
+    """What `remembered()` saw: `received`, the stop signal's name (None: none arrived)."""
+
+    def __init__(self):
+        self.received: str | None = None
+
+    def handle(self, signum, frame) -> None:
+        if jax.process_count() > 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.received = signal.Signals(signum).name
+        print(f"{self.received} received: stopping at the next training step, or once the "
+              "results being written are complete", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def remembered():
+    """Around a whole run: a stop signal that no training loop is listening for is remembered
+    (one line says so) rather than fatal; a training loop that starts later stops before its
+    first step. Multi-process: SIGTERM stays with the preemption service, SIGUSR1 is handed to
+    it as SIGTERM. Outside the main thread (no handlers can be installed) it does nothing."""
+    global _outside
+    state = Remembered()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    previous = {sig: signal.signal(sig, state.handle) for sig in STOP_SIGNALS
+                if not (jax.process_count() > 1 and sig == signal.SIGTERM)}
+    _outside = state
+    try:
+        yield state
+    finally:
+        _outside = None
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
