@@ -4,8 +4,9 @@
 
 Prints own-subset accuracy, the AUC of the changed labels' scores against the rest's (the
 probability that a changed label outscores an unchanged one, ties half), how many changed
-labels score above the run's threshold, and how many are among the top k scores (k = the
-number changed).
+labels score above the run's threshold, how many are in the set memorized at the run's false
+discovery rate, how many are among the top k scores (k = the number changed), and for how many
+the held-out models' suggested label is the original one.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
 def main(argv: list[str]) -> None:
     run = load_run(argv[0])
     with np.load(argv[1]) as planted:
-        changed = planted["changed_index"]
+        changed, original = planted["changed_index"], planted["original_label"]
     scores = run.memorization
     is_changed = np.zeros(len(scores), bool)
     is_changed[changed] = True
@@ -42,6 +43,11 @@ def main(argv: list[str]) -> None:
           f"{int((scores[changed] > threshold).sum())} of {len(changed)} above {threshold}, "
           f"{int(is_changed[top].sum())} in the top {len(changed)}, mean score "
           f"{np.nanmean(scores[changed]):.2f}; memorized count {run.metrics['memorized_count']}")
+    at_fdr = run.memorized(threshold, fdr=run.metrics["fdr"])
+    print(f"memorized at FDR {run.metrics['fdr']:g}: {len(at_fdr)} examples, "
+          f"{int(is_changed[at_fdr].sum())} of them changed labels")
+    print(f"suggested label (held-out models' majority) = the original label for "
+          f"{int((run.suggested_label[changed] == original).sum())} of {len(changed)}")
 
 
 if __name__ == "__main__":

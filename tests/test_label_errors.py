@@ -78,3 +78,31 @@ def test_cleanlab_flags_confidently_other_labels_first(script):
     probs /= probs.sum(1, keepdims=True)
     ranked = script.cleanlab_ranking(labels, probs)
     np.testing.assert_array_equal(np.sort(ranked[:4]), wrong)
+
+
+def test_planted_scores_reports_what_the_run_says_of_the_changed_labels(fake_run_dir, tmp_path,
+                                                                      capsys):
+    from scipy.stats import mannwhitneyu
+
+    import jaxmem
+
+    script = load_script("planted_scores")
+    run = jaxmem.load_run(fake_run_dir())
+    scores = run.memorization
+    changed = np.sort(np.random.default_rng(0).choice(
+        np.flatnonzero(~np.isnan(scores)), 12, replace=False))
+    original = run.suggested_label[changed].copy()
+    original[:5] = (original[:5] + 1) % 10  # 7 of 12 agree with the suggested label
+    planted = tmp_path / "planted.npz"
+    np.savez(planted, changed_index=changed, original_label=original)
+    script.main([run.path, str(planted)])
+    out = capsys.readouterr().out
+    rest = np.setdiff1d(np.flatnonzero(~np.isnan(scores)), changed)
+    nan_count = int(np.isnan(scores).sum())  # NaN scores rank lowest: below every changed one
+    u = mannwhitneyu(scores[changed], scores[rest]).statistic + len(changed) * nan_count
+    assert f"AUC {u / (len(changed) * (len(rest) + nan_count)):.3f}," in out
+    assert f"{int((scores[changed] > 0.25).sum())} of 12 above 0.25" in out
+    at_fdr = run.memorized(0.25, fdr=run.metrics["fdr"])
+    assert (f"{len(at_fdr)} examples, {len(np.intersect1d(at_fdr, changed))} of them changed "
+            "labels") in out
+    assert "= the original label for 7 of 12" in out
