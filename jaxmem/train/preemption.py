@@ -93,7 +93,6 @@ class StopSignals:
         return self.stopping
 
 
-
 class Remembered:
     """What `remembered()` saw: `received`, the stop signal's name (None: none arrived)."""
 
