@@ -34,7 +34,7 @@ def main(argv: list[str]) -> None:
     scores = run.memorization
     is_changed = np.zeros(len(scores), bool)
     is_changed[changed] = True
-    top = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:len(changed)]
+    top = run.most_memorized(len(changed))
     threshold = run.metrics["threshold"]
     print(f"own-subset accuracy {run.metrics['train_acc']:.4f} (by evaluated epoch "
           f"{', '.join(f'{a:.3f}' for a in run.metrics['train_acc_by_epoch'])}), test "
