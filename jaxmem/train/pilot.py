@@ -16,11 +16,12 @@ at 25% of training and it decays to zero at the end), so a model after 18 epochs
 schedule is not the 18-epoch model, and nothing shorter tells whether the longer schedule fits.
 With doubling, the pilot costs P models at every tried length; the last one is reused. P is
 max(2, devices) (at most K): two models give a mean over two subsets, and on several devices
-one model per device costs no more time than one. Per model an epoch costs the same on a CPU
-for any number of models trained at once, so at K = 32, P = 2 and 18 -> 36 -> 72 epochs the
-pilot trains 2 x (18 + 36 + 72) = 252 model-epochs besides the other 30 x 72 = 2,160 (10% of
-the run's time; 2 x (18 + 36) = 108 model-epochs, 4.7% on top of 32 x 72, are not reused). On
-a GPU a wave of P models runs far below the device's throughput, so there the share is larger.
+one model per device costs no more time than one. On a CPU an epoch costs about as much per
+model in a wave of 2 as in a wave of 30 (a wave of 30 was up to a third slower per model:
+BENCHMARKS.md), so at K = 32, P = 2 and 18 -> 36 -> 72 epochs the pilot trains
+2 x (18 + 36 + 72) = 252 model-epochs besides the other 30 x 72 = 2,160 (about 10% of the
+run's time; 2 x (18 + 36) = 108 model-epochs, 4.7% on top of 32 x 72, are not reused). On a
+GPU a wave of P models runs far below the device's throughput, so there the share is larger.
 
 The work lives in `<out>.pilot/`: one finished part run directory per tried length
 (`epochs-018`, ...) and the checkpoints of the length in progress (`epochs-036.partial`), so a
