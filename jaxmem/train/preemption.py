@@ -98,9 +98,10 @@ class Remembered:
 
     def __init__(self):
         self.received: str | None = None
+        self.multiprocess = jax.process_count() > 1
 
     def handle(self, signum, frame) -> None:
-        if jax.process_count() > 1:
+        if self.multiprocess:
             os.kill(os.getpid(), signal.SIGTERM)
             return
         self.received = signal.Signals(signum).name
@@ -120,7 +121,7 @@ def remembered():
         yield state
         return
     previous = {sig: signal.signal(sig, state.handle) for sig in STOP_SIGNALS
-                if not (jax.process_count() > 1 and sig == signal.SIGTERM)}
+                if not (state.multiprocess and sig == signal.SIGTERM)}
     _outside = state
     try:
         yield state
