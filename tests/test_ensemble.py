@@ -114,7 +114,8 @@ def test_forward_passes_on_their_own_lowering_equal_the_training_lowering():
     recalibrated = [e.recalibrate(states, orders, x, y) for e in (same, own)]
     for a, b in zip(*(jax.tree.leaves(r.batch_stats) for r in recalibrated), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    correct = [e.correct_on(r, x, y, 64) for e, r in zip((same, own), recalibrated, strict=True)]
+    correct = [e.predict_on(r, x, y, 64)[0] for e, r in zip((same, own), recalibrated,
+                                                              strict=True)]
     assert correct[0].shape == (3, DATASET.num_train)
     assert (correct[0] != correct[1]).mean() < 0.01
     # ... and they did run on their own lowering: lax convs in a loop over the models

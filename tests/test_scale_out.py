@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxmem import cli, estimator, load_run
+from jaxmem import cli, estimator, load_run, margins
 from jaxmem.config import Config
 from jaxmem.data import load
 from jaxmem.data.synthetic import make
@@ -74,9 +74,22 @@ def assert_same_run(a, b, exact=True):
         np.testing.assert_allclose(a.heldout_probs, b.heldout_probs, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(a.suggested_label, b.suggested_label)
         np.testing.assert_array_equal(a.suggested_label_share, b.suggested_label_share)
+        assert_same_margins(a, b)
     else:
         assert (a.correct_by_epoch("train") != b.correct_by_epoch("train")).mean() < 0.01
     np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-4, atol=1e-5)
+
+
+def assert_same_margins(a, b, units: int = 1):
+    """The runs' margins agree to `units` fixed-point units (models evaluated in waves of
+    another size differ by float32 rounding; 0 for the same layout), and each run's stored
+    sums are exactly the sums of its own margins."""
+    np.testing.assert_allclose(a.margin_units, b.margin_units, rtol=0, atol=units)
+    for r in (a, b):
+        np.testing.assert_array_equal(
+            r.extra["margin_sums"][-1],
+            margins.MarginSums.of(r.margin_units[None], r.masks, np.ones(len(r.masks), bool))
+            .sums[0])
 
 
 def rewrite(npz, path, **changes):
@@ -136,6 +149,9 @@ def test_merged_parts_equal_a_single_run(npz, uninterrupted, tmp_path):
         edit_metrics(path, run_intervals_utc=[interval])  # as if they ran side by side
     merged = load_run(merge_runs(parts[::-1], str(tmp_path / "merged"), report={"fdr": 0.05}))
     assert_same_run(merged, uninterrupted)
+    assert_same_margins(merged, uninterrupted, units=0)  # the same waves: bit for bit
+    np.testing.assert_array_equal(merged.extra["margin_sums"],
+                                  uninterrupted.extra["margin_sums"])
     assert merged.config["model_range"] is None and merged.metrics["num_models"] == 4
     assert merged.config["fdr"] == merged.metrics["fdr"] == 0.05
     assert merged.metrics["wall_time_s"] == 160.0  # the span 100..260, not 100 + 110

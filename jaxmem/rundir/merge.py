@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from jaxmem import margins
 from jaxmem.config import Config
 from jaxmem.errors import UserError
 from jaxmem.rundir.fingerprint import REPORT_SETTINGS, check_same
@@ -78,7 +79,10 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
                  for part in TIMED_PARTS},
         devices=sorted({d for p in parts for d in p.metrics["devices"]}),
         peak_memory_bytes=[b for p in parts for b in p.metrics["peak_memory_bytes_per_wave"]],
-        heldout=combine([p.extra for p in parts]))
+        heldout=combine([p.extra for p in parts]),
+        margins=(np.concatenate([np.asarray(p.margin_units) for p in parts])
+                 if all(p.has_margins for p in parts) else None),
+        margin_sums=margins.combine([p.extra for p in parts]))
     info = DataInfo(first.config["dataset_name"], first.config["num_classes"],
                     tuple(first.config["image_shape"]), first.labels, first.test_labels,
                     first.original_index, {k: v for k, v in first.config["fingerprints"].items()

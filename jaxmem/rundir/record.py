@@ -15,6 +15,7 @@ import numpy as np
 from jaxmem import estimator, significance
 from jaxmem.canaries import real_examples
 from jaxmem.errors import UserError
+from jaxmem.margins import MarginSums
 from jaxmem.rundir.fingerprint import result_fingerprints
 from jaxmem.rundir.heldout import HeldoutSums
 from jaxmem.rundir.store import diverged_models, save_run
@@ -34,7 +35,9 @@ class EnsembleResult:
     examples); seconds spent per part (TIMED_PARTS); peak memory per wave in bytes (None
     where not reported); the memory plan's record (waves.MemoryPlan.record; None when merged);
     heldout: the included models' held-out prediction sums at the last evaluated epoch (None:
-    not recorded).
+    not recorded); margins [K, N] int16: every model's true-class margins at the last evaluated
+    epoch and margin_sums their included models' in- and held-out sums at every evaluated epoch
+    (jaxmem/margins.py; None: not recorded).
     """
 
     model_indices: np.ndarray
@@ -50,6 +53,8 @@ class EnsembleResult:
     peak_memory_bytes: list[int | None] = dataclasses.field(default_factory=list)
     memory_plan: dict | None = None
     heldout: HeldoutSums | None = None  # held-out prediction sums of the included models
+    margins: np.ndarray | None = None
+    margin_sums: MarginSums | None = None
 
     @property
     def diverged(self) -> np.ndarray:
@@ -112,10 +117,12 @@ def write_run(out: str, settings: dict, info: DataInfo, result: EnsembleResult, 
     if pilot:
         metrics["pilot"] = {**pilot, "share_of_run": pilot["seconds"] / max(wall, 1e-9)}
         metrics["warnings"] += [pilot["warning"]] if pilot["warning"] else []
-    save_run(out, record, metrics,
-             {"masks": result.masks, "correct_train": result.correct_train[-1],
-              "correct_test": result.correct_test[-1]},
-             scores, {"train": result.correct_train, "test": result.correct_test})
+    arrays = {"masks": result.masks, "correct_train": result.correct_train[-1],
+              "correct_test": result.correct_test[-1]}
+    if result.margins is not None:
+        arrays["margins"] = result.margins
+    save_run(out, record, metrics, arrays, scores,
+             {"train": result.correct_train, "test": result.correct_test})
 
 
 def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, threshold: float,
@@ -164,6 +171,7 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
         "canary_index": info.canary_index,
         "canary_original_label": info.canary_original_label,
         **(result.heldout.scores() if result.heldout is not None else {}),
+        **({"margin_sums": result.margin_sums.sums} if result.margin_sums is not None else {}),
     }
 
 

@@ -27,6 +27,7 @@ from jaxmem.estimator import (
     correct_counts,
     membership_counts,
 )
+from jaxmem.margins import logits as margin_logits
 from jaxmem.significance import margin_pvalues, memorized_at_fdr
 
 REQUIRED_FILES = ("config.json", "masks.npy", "scores.npz", "metrics.json")
@@ -132,6 +133,26 @@ class Run:
     def correct_test(self) -> np.ndarray:
         """[K, N_test] bool correctness at the last evaluated epoch."""
         return self._array("correct_test.npy")
+
+    @property
+    def has_margins(self) -> bool:
+        """Whether the run kept its models' margins (runs written before did not)."""
+        return os.path.exists(os.path.join(self.path, "margins.npy"))
+
+    @property
+    def margin_units(self) -> np.ndarray:
+        """[K, N] int16 true-class margins at the last evaluated epoch in jaxmem/margins.py's
+        fixed point (`> 0` exactly where correct_train is True)."""
+        if not self.has_margins:
+            raise UserError(f"{self.path} was written before jaxmem kept margins: it has none")
+        return self._array("margins.npy")
+
+    @property
+    def margins(self) -> np.ndarray:
+        """[K, N] float32 true-class margins at the last evaluated epoch: each model's
+        true-class logit minus its largest other logit, to 1/128 (positive exactly where the
+        model is correct)."""
+        return margin_logits(self.margin_units)
 
     def _array(self, name: str) -> np.ndarray:
         array = np.load(os.path.join(self.path, name), mmap_mode="r")

@@ -172,7 +172,8 @@ class Ensemble:
 
     def _evaluate(self, states, images, labels, ids):
         """Every model on images[ids] (ids clipped to the dataset): [M, B] bool correctness,
-        [M, B] int32 predicted class, [M, B, C] float32 softmax probabilities."""
+        [M, B] int32 predicted class, [M, B, C] float32 softmax probabilities, [M, B] int16
+        true-class margins (jaxmem/margins.py)."""
         ids = jnp.minimum(ids, labels.shape[0] - 1)
         batch_images, batch_labels = images[ids], labels[ids]
 
@@ -181,19 +182,20 @@ class Ensemble:
 
         return map_models(one, self.eval_strategy, (0,))(states)
 
-    def correct_on(self, states, images, labels, eval_batch_size: int,
-                   predictions=None) -> np.ndarray:
-        """[M, N] bool correctness on a whole on-device split, in fixed-size chunks (one trace).
-        predictions: called per chunk as predictions(start, predicted [M, b], probs [M, b, C])
-        for its b examples start..start+b (only then are the probabilities copied to the
-        host)."""
+    def predict_on(self, states, images, labels, eval_batch_size: int,
+                   predictions=None) -> tuple[np.ndarray, np.ndarray]:
+        """([M, N] bool correctness, [M, N] int16 true-class margins) on a whole on-device
+        split, in fixed-size chunks (one trace). predictions: called per chunk as
+        predictions(start, predicted [M, b], probs [M, b, C]) for its b examples
+        start..start+b (only then are the probabilities copied to the host)."""
         num = labels.shape[0]
         chunks = []
         for start in range(0, num, eval_batch_size):
             ids = jnp.arange(start, start + eval_batch_size, dtype=jnp.int32)
-            correct, predicted, probs = self.evaluate(states, images, labels, ids)
-            chunks.append(correct)
+            correct, predicted, probs, units = self.evaluate(states, images, labels, ids)
+            chunks.append((correct, units))
             if predictions is not None:
                 real = min(eval_batch_size, num - start)
                 predictions(start, np.asarray(predicted)[:, :real], np.asarray(probs)[:, :real])
-        return np.concatenate([np.asarray(c) for c in chunks], axis=1)[:, :num]
+        return tuple(np.concatenate([np.asarray(c[j]) for c in chunks], axis=1)[:, :num]
+                     for j in range(2))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmem import estimator, keys, models
+from jaxmem import estimator, keys, margins, models
 from jaxmem.canaries import real_examples
 from jaxmem.config import Config
 from jaxmem.data import Dataset
@@ -38,8 +38,10 @@ from jaxmem.train.waves import WavePlan, padded_size, peak_memory, reset_peak_me
 
 # Steps timed after the first (which compiles) for the plan's projected time.
 PLAN_WARMUP_STEPS = 3
-# Per-model arrays of a wave (model axis second for [E, m, ...] / [epochs, m]).
-WAVE_ARRAYS = ("correct_train", "correct_test", "train_loss", "train_batch_acc")
+# Per-model arrays of a wave in progress (model axis second for [E, m, ...] / [epochs, m]);
+# a finished wave keeps only the last evaluation's margins ([m, N]) and their sums.
+WAVE_ARRAYS = ("correct_train", "correct_test", "margins", "train_loss", "train_batch_acc")
+STACKED_ARRAYS = ("correct_train", "correct_test", "train_loss", "train_batch_acc")
 
 
 class DivergedError(UserError):
@@ -84,6 +86,7 @@ class Trainer:
         e, epochs = len(self.eval_epochs), self.config.epochs
         return {"correct_train": np.zeros((e, count, self.dataset.num_train), bool),
                 "correct_test": np.zeros((e, count, self.dataset.num_test), bool),
+                "margins": np.zeros((e, count, self.dataset.num_train), np.int16),
                 "train_loss": np.zeros((epochs, count)),
                 "train_batch_acc": np.zeros((epochs, count)),
                 **{f"{part}_seconds": np.float64(0) for part in TIMED_PARTS}}
@@ -152,6 +155,9 @@ class Trainer:
                 raise Preempted(stopped(stop, work, f"models {models.start}..{models.stop - 1} "
                                         f"checkpointed after epoch {epoch}"))
         result["peak_memory_bytes"] = np.int64(peak_memory(self.mesh.devices.flat) or -1)
+        included = ~diverged_models(result["train_loss"])  # known once the wave is trained
+        result["margin_sums"] = margins.MarginSums.of(result["margins"], masks, included).sums
+        result["margins"] = result["margins"][-1]
         return result
 
     def _checkpoint(self, work: WorkDir | None, models: range, position: int, states, totals,
@@ -274,12 +280,14 @@ class Trainer:
             sums = HeldoutSums.zeros(self.dataset.num_train, self.dataset.num_classes)
             collect = lambda start, predicted, probs: sums.add(  # noqa: E731
                 start, predicted[:real], probs[:real], held[:, start:start + probs.shape[1]])
-        result["correct_train"][position] = self.ensemble.correct_on(
-            states, self.x_train, self.y_train, size, collect)[:real]
+        correct, units = self.ensemble.predict_on(states, self.x_train, self.y_train, size,
+                                                  collect)
+        result["correct_train"][position], result["margins"][position] = correct[:real], \
+            units[:real]
         if collect is not None:
             result.update(sums.arrays())
-        result["correct_test"][position] = self.ensemble.correct_on(
-            states, self.x_test, self.y_test, size)[:real]
+        result["correct_test"][position] = self.ensemble.predict_on(
+            states, self.x_test, self.y_test, size)[0][:real]
         result["eval_seconds"] += time.perf_counter() - tic
 
     def _load_pretrained(self, states):
@@ -372,10 +380,13 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
                                            len(todo))
             if replanned:
                 bar.write(replanned)
-    everything = {name: np.concatenate([a[name] for a in done], axis=1) for name in WAVE_ARRAYS}
+    everything = {name: np.concatenate([a[name] for a in done], axis=1)
+                  for name in STACKED_ARRAYS}
     models = np.concatenate([a["model_indices"] for a in done]).astype(int)
     order = np.argsort(models)
     stacked = {name: array[:, order] for name, array in everything.items()}
+    kept = all("margins" in a for a in done)  # finished before margins were kept: none
+    final_margins = np.concatenate([a["margins"] for a in done])[order] if kept else None
     return EnsembleResult(
         models[order], masks[[row_of[k] for k in models[order]]], trainer.eval_epochs,
         stacked["correct_train"], stacked["correct_test"], stacked["train_loss"],
@@ -383,7 +394,8 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
         {part: float(sum(a[f"{part}_seconds"] for a in done)) for part in TIMED_PARTS},
         [str(d) for d in trainer.mesh.devices.flat],
         [int(a["peak_memory_bytes"]) if a["peak_memory_bytes"] >= 0 else None for a in done],
-        memory_plan=wave_size.record(), heldout=combine(done))
+        memory_plan=wave_size.record(), heldout=combine(done),
+        margins=final_margins, margin_sums=margins.combine(done))
 
 
 def resumable(checkpoints: list[Checkpoint], todo: list[int]) -> Checkpoint | None:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from jaxmem import margins
 from jaxmem.models.layers import BN_MOMENTUM
 from jaxmem.train.augment import augment
 
@@ -140,9 +141,16 @@ def eval_logits(spec: StepSpec, state: ModelState, images):
 
 def eval_predictions(spec: StepSpec, state: ModelState, images, labels):
     """Eval mode: ([B] bool correctness, [B] int32 predicted class, [B, C] float32 softmax
-    probabilities), from one forward pass. The predicted class is the logits' argmax (the
-    lowest class among equal logits), so correctness is `predicted == labels`."""
-    logits = eval_logits(spec, state, images)
+    probabilities, [B] int16 true-class margin), from one forward pass. The predicted class is
+    the logits' argmax (the lowest class among equal logits), so correctness is
+    `predicted == labels`; the margin is the true-class logit minus the largest other one, in
+    jaxmem/margins.py's fixed point, whose sign is that correctness."""
+    logits = eval_logits(spec, state, images).astype(jnp.float32)
     predicted = logits.argmax(-1).astype(jnp.int32)
-    return predicted == labels, predicted, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    correct = predicted == labels
+    true = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    other = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf,
+                      logits).max(-1)
+    return (correct, predicted, jax.nn.softmax(logits, axis=-1),
+            margins.quantize(true - other, correct, jnp))
 
