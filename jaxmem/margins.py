@@ -79,3 +79,130 @@ def combine(records: list[dict]) -> MarginSums | None:
     if not records or any("margin_sums" not in r for r in records):
         return None
     return MarginSums(sum(np.asarray(r["margin_sums"], np.int64) for r in records))
+
+
+# ------------------------------------------------------------------ the model-based estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalFits:
+    """Per example, normal fits of one side's margins (in-subset models, or held-out ones):
+    count [..., N] models, mean [..., N] and the moderated variance [..., N] (logits^2), with
+    dof [..., N] its degrees of freedom (the sample's plus the prior's)."""
+
+    count: np.ndarray
+    mean: np.ndarray
+    variance: np.ndarray
+    dof: np.ndarray
+
+    def correct_probability(self) -> tuple[np.ndarray, np.ndarray]:
+        """(P[margin > 0] under the fit, its standard error by the delta method), NaN where no
+        model is on this side."""
+        from scipy.special import ndtr, owens_t
+
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            t = self.mean / np.sqrt(self.variance)
+            # Var[Phi(X)] for X ~ N(t, v), v the variance of t's estimate: E[Phi(X)] =
+            # Phi(h) and E[Phi(X)^2] = Phi(h) - 2 T(h, 1 / sqrt(1 + 2 v)) (Owen's T) with
+            # h = t / sqrt(1 + v); bounded where the delta method's linearisation is not
+            v = _ratio_variance(t, self.count, self.dof)
+            h = t / np.sqrt(1 + v)
+            spread = ndtr(h) * (1 - ndtr(h)) - 2 * owens_t(h, 1 / np.sqrt(1 + 2 * v))
+            se = np.sqrt(np.maximum(spread, 0.0))
+            probability = ndtr(t)
+        missing = self.count < 1
+        return np.where(missing, np.nan, probability), np.where(missing, np.nan, se)
+
+
+def _ratio_variance(t, count, dof):
+    """Variance of t_hat = mean_hat / sd_hat, the fitted standardised margin, when the mean of
+    `count` normal margins is divided by a standard deviation estimated with `dof` degrees of
+    freedom (independent of it): sqrt(count) t_hat is noncentral t with noncentrality
+    sqrt(count) t, so Var = dof (1/count + t^2) / (dof - 2) - t^2 c^2 with
+    c = sqrt(dof/2) Gamma((dof-1)/2) / Gamma(dof/2). It tends to 1/count + t^2 / (2 dof) for
+    many degrees of freedom (the delta method's) and is larger for few; infinite at dof <= 2."""
+    from scipy.special import gammaln
+
+    dof = np.asarray(dof, np.float64)
+    finite = np.isfinite(dof) & (dof > 2)
+    safe = np.where(finite, dof, 3.0)
+    c_sq = safe / 2 * np.exp(2 * (gammaln((safe - 1) / 2) - gammaln(safe / 2)))
+    variance = safe * (1.0 / count + t * t) / (safe - 2) - t * t * c_sq
+    return np.where(finite, variance, np.where(np.isinf(dof), 1.0 / count, np.inf))
+
+
+def moderated_prior(variance: np.ndarray, dof: np.ndarray) -> tuple[float, float]:
+    """(prior degrees of freedom d0, prior variance s0^2) of a scaled inverse chi-square
+    prior on per-example variances, fitted to sample variances [N] with dof [N] by the method
+    of moments on their logarithms (Smyth 2004, "Linear models and empirical Bayes methods for
+    assessing differential expression"). d0 = inf when the variances are no more spread than
+    sampling alone spreads them (one common variance). Examples with dof < 1 or a variance of
+    0 do not inform the prior."""
+    from scipy.special import digamma, polygamma
+
+    usable = (dof >= 1) & (variance > 0) & np.isfinite(variance)
+    if usable.sum() < 3:
+        positive = variance[usable]
+        return np.inf, float(positive.mean()) if len(positive) else 1.0
+    variance, dof = variance[usable], dof[usable]
+    centred = np.log(variance) - digamma(dof / 2) + np.log(dof / 2)
+    excess = centred.var(ddof=1) - polygamma(1, dof / 2).mean()
+    if excess <= 0:
+        return np.inf, float(np.exp(centred.mean()))
+    prior_dof = 2 * _inverse_trigamma(excess)
+    prior_var = float(np.exp(centred.mean() + digamma(prior_dof / 2) - np.log(prior_dof / 2)))
+    return float(prior_dof), prior_var
+
+
+def _inverse_trigamma(y: float) -> float:
+    """x with trigamma(x) = y > 0 (Newton's method on 1/trigamma, as Smyth's limma does)."""
+    from scipy.special import polygamma
+
+    x = 0.5 + 1.0 / y
+    for _ in range(50):
+        trigamma = polygamma(1, x)
+        step = trigamma * (1 - trigamma / y) / polygamma(2, x)
+        x += step
+        if -step / x < 1e-8:
+            break
+    return float(x)
+
+
+def normal_fits(count, total, total_sq) -> NormalFits:
+    """Normal fits of one side from its sufficient statistics ([..., N] models, sum and sum of
+    squares in logits), each example's variance moderated towards a prior fitted across the
+    examples of the same row (`moderated_prior`): with few models a variance is mostly the
+    prior's, with many mostly the example's own."""
+    count = np.asarray(count, np.float64) * np.ones_like(np.asarray(total, np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = total / count
+        sample_var = np.maximum(total_sq - count * mean * mean, 0.0) / (count - 1)
+    sample_dof = np.maximum(count - 1, 0.0)
+    sample_var = np.where(sample_dof > 0, sample_var, 0.0)
+    variance, dof = np.empty_like(mean), np.empty_like(mean)
+    for row in np.ndindex(mean.shape[:-1]):
+        prior_dof, prior_var = moderated_prior(sample_var[row], sample_dof[row])
+        if np.isinf(prior_dof):
+            variance[row], dof[row] = prior_var, np.inf
+        else:
+            dof[row] = prior_dof + sample_dof[row]
+            variance[row] = (prior_dof * prior_var + sample_dof[row] * sample_var[row]) / dof[row]
+    return NormalFits(count, mean, variance, dof)
+
+
+def memorization_margin(in_count, out_count, sums) -> dict[str, np.ndarray]:
+    """The model-based estimate of the Feldman & Zhang score from margin sums: per example
+    P[margin > 0] under the normal fit of its in-subset models' margins minus the same of its
+    held-out models' (`normal_fits`, variances moderated towards a prior fitted across the
+    examples of each evaluated epoch), with a standard error.
+
+    in_count, out_count [N] included models; sums: MarginSums or its [E, 4, N] array.
+    Returns memorization_margin and memorization_margin_se [E, N] (NaN where a side has no
+    model)."""
+    named = (sums if isinstance(sums, MarginSums) else MarginSums(np.asarray(sums))).named()
+    sides = [normal_fits(np.asarray(count)[None], named[f"{side}_sum"],
+                         named[f"{side}_sumsq"]).correct_probability()
+             for side, count in (("in", in_count), ("out", out_count))]
+    (p_in, se_in), (p_out, se_out) = sides
+    return {"memorization_margin": p_in - p_out,
+            "memorization_margin_se": np.sqrt(se_in**2 + se_out**2)}

@@ -12,10 +12,9 @@ import os
 
 import numpy as np
 
-from jaxmem import estimator, significance
+from jaxmem import estimator, margins, reliability, significance
 from jaxmem.canaries import real_examples
 from jaxmem.errors import UserError
-from jaxmem.margins import MarginSums
 from jaxmem.rundir.fingerprint import result_fingerprints
 from jaxmem.rundir.heldout import HeldoutSums
 from jaxmem.rundir.store import diverged_models, save_run
@@ -54,7 +53,7 @@ class EnsembleResult:
     memory_plan: dict | None = None
     heldout: HeldoutSums | None = None  # held-out prediction sums of the included models
     margins: np.ndarray | None = None
-    margin_sums: MarginSums | None = None
+    margin_sums: margins.MarginSums | None = None
 
     @property
     def diverged(self) -> np.ndarray:
@@ -143,6 +142,13 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
                                           threshold, min_count)
     fdr_set = significance.memorized_at_fdr(
         pvalues, real_examples(masks.shape[1], info.canary_index), fdr)
+    if result.margin_sums is not None:
+        margin = margins.memorization_margin(in_count, out_count, result.margin_sums)
+        margin.update({f"{name}_by_epoch": values for name, values in margin.items()})
+        margin.update(memorization_margin=margin["memorization_margin"][-1],
+                      memorization_margin_se=margin["memorization_margin_se"][-1])
+    else:
+        margin = {}
     own = (result.correct_train & masks).sum(-1) / np.maximum(masks.sum(-1), 1)  # [E, K]
     held = (result.correct_train & ~masks).sum(-1) / np.maximum((~masks).sum(-1), 1)
     return {
@@ -172,6 +178,7 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
         "canary_original_label": info.canary_original_label,
         **(result.heldout.scores() if result.heldout is not None else {}),
         **({"margin_sums": result.margin_sums.sums} if result.margin_sums is not None else {}),
+        **margin,
     }
 
 
@@ -247,8 +254,12 @@ def summary_metrics(result: EnsembleResult, scores: dict, settings: dict, wall: 
     recall = canary_recall(scores["memorization_by_epoch"][:, ~real], threshold)
     warnings = [fit_warning(fit[-1], settings["fit_threshold"], int(result.masks[0].sum())),
                 canary_warning(recall[-1] if recall else None, int((~real).sum()), threshold)]
+    final = result.margins[keep] if result.margins is not None else None
+    split = reliability.split_half(result.masks[keep], result.correct_train[-1][keep], final,
+                                   settings["seed"], real)
     return {
         "warnings": [w for w in warnings if w],
+        "reliability": split,
         "train_acc_by_epoch": fit,
         "memorized_count": int(by_epoch[-1]),
         "memorized_count_by_epoch": [int(c) for c in by_epoch],

@@ -26,7 +26,9 @@ from jaxmem.estimator import (
     DEFAULT_THRESHOLD,
     correct_counts,
     membership_counts,
+    memorization_scores,
 )
+from jaxmem.margins import MarginSums, memorization_margin
 from jaxmem.margins import logits as margin_logits
 from jaxmem.significance import margin_pvalues, memorized_at_fdr
 
@@ -195,6 +197,35 @@ class Run:
         in_correct, out_correct = correct_counts(self.masks, self.correct_epochs()[position])
         return margin_pvalues(in_correct, out_correct, in_count, out_count, threshold,
                               int(self.config.get("min_count", DEFAULT_MIN_COUNT)))
+
+    def scores(self, models=None) -> dict[str, np.ndarray]:
+        """Both estimates of every example's score at the last evaluated epoch, recomputed from
+        the chosen included models (their indices in the run, as in `model_indices`; None:
+        all): memorization, memorization_se, low_count (`--min-count`), memorization_margin,
+        memorization_margin_se (NaN without margins), in_count, out_count [N]. The scores a
+        run of exactly these models would report (a convergence plot: scores of the first
+        k models for growing k)."""
+        rows = np.arange(len(self.model_indices))
+        if models is not None:
+            models = np.asarray(models).reshape(-1)
+            position = {int(k): row for row, k in enumerate(self.model_indices)}
+            unknown = [int(k) for k in models if int(k) not in position]
+            if unknown or len(set(models.tolist())) != len(models):
+                raise UserError(f"models must be distinct included models of {self.path} "
+                                f"(see model_indices); not included: {unknown[:5]}")
+            rows = np.asarray([position[int(k)] for k in models], np.int64)
+        masks = np.asarray(self.masks)[rows]
+        plain = memorization_scores(masks, np.asarray(self.correct_train)[rows],
+                                    int(self.config.get("min_count", DEFAULT_MIN_COUNT)))
+        in_count, out_count = membership_counts(masks)
+        if self.has_margins:
+            units = np.asarray(self.margin_units)[rows]
+            sums = MarginSums.of(units[None], masks, np.ones(len(rows), bool))
+            margin = {k: v[0] for k, v in memorization_margin(in_count, out_count, sums).items()}
+        else:
+            nothing = np.full(masks.shape[1], np.nan)
+            margin = {"memorization_margin": nothing, "memorization_margin_se": nothing}
+        return {**plain, **margin, "in_count": in_count, "out_count": out_count}
 
     def most_memorized(self, count: int = 10, epoch: int | None = None) -> np.ndarray:
         """Indices of the `count` highest scores of real examples (no canaries), highest first
