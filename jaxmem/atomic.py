@@ -1,31 +1,35 @@
-"""Atomic writes: a file appears under its final name complete or not at all.
+"""Atomic, durable writes: a file (or a folder) appears under its final name complete or not at
+all, and stays complete after the machine crashes.
 
-Everything goes to a temporary name in the same folder and is renamed into place with
-`os.replace` (atomic on POSIX within one filesystem), so a crash or SIGKILL at any moment leaves
-either the old file or the new one, never half of one.
+Everything goes to a temporary name in the same folder, is flushed to the disk (`fsync`), is
+renamed into place with `os.replace` (atomic on POSIX within one filesystem), and then the
+folder holding it is flushed, so that the rename is on the disk too. Without the first flush,
+ext4, XFS and network filesystems may keep the rename after a power loss or a node crash and
+lose the data (the file exists under its final name, empty or cut short); without the second,
+the new name itself may be lost. A SIGKILL at any moment leaves the old file or the new one.
+
+A write that fails for lack of room (ENOSPC: the filesystem is full; EDQUOT: the quota is used
+up) raises `DiskFull`, naming the file and about how many bytes it needed; its temporary is
+removed and what was there before is untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 
 import numpy as np
 
+from jaxmem.errors import DiskFull
 
-@contextlib.contextmanager
-def replacing(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; renamed to `path` when the block succeeds, removed
-    when it raises."""
-    temporary = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+# Bytes a .npz member takes beyond its array's data: the .npy header (128 bytes for every array
+# jaxmem writes) and the zip entry's local and central headers (76 bytes + 2 x its name).
+NPY_HEADER_BYTES, ZIP_ENTRY_BYTES = 128, 76
+FOLDER_BYTES = 4096  # a new folder takes one block of its filesystem
 
 
 def umask_mode(full: int = 0o666) -> int:
@@ -37,15 +41,147 @@ def umask_mode(full: int = 0o666) -> int:
     return full & ~umask
 
 
+def sync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data and size to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (files created, renamed or removed in it) to the disk. A
+    filesystem that cannot flush a folder (EINVAL) needs no flush to keep its entries."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def make_folder(path: str | os.PathLike) -> None:
+    """`os.makedirs(path, exist_ok=True)`, each folder it creates flushed into its parent."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    make_folder(parent)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path)
+    sync_folder(parent)
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged user may still write in the filesystem holding `path` (or its
+    nearest existing parent); None where that cannot be read."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+@contextlib.contextmanager
+def room_for(path: str | os.PathLike, needed: int):
+    """Turn a full disk or quota (an OSError with ENOSPC or EDQUOT) inside the block into
+    `DiskFull` naming `path` and the `needed` bytes (about what the write takes)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in FULL_DISK:
+            raise
+        free = free_bytes(path) if error.errno == errno.ENOSPC else None
+        raise DiskFull(os.fspath(path), needed, error.errno, free) from None
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; when the block succeeds it is flushed, renamed to
+    `path` and the folder flushed; when anything raises it is removed."""
+    temporary = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    try:
+        yield temporary
+        sync_file(temporary)
+        os.replace(temporary, path)
+        sync_folder(os.path.dirname(os.path.abspath(path)))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with room_for(path, len(data)), replacing(path) as temporary, open(temporary, "wb") as f:
+        f.write(data)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
-    with replacing(path) as temporary, open(temporary, "w") as f:
-        f.write(text)
+    write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike, record: dict) -> None:
-    write_text(path, json.dumps(record, indent=2, sort_keys=True))
+    write_text(path, json_text(record))
+
+
+def json_text(record: dict) -> str:
+    """How jaxmem writes every JSON record (sorted keys, indented)."""
+    return json.dumps(record, indent=2, sort_keys=True)
+
+
+def npz_bytes(arrays: dict) -> int:
+    """About the bytes an uncompressed .npz of `arrays` takes (an upper bound for a compressed
+    one)."""
+    return sum(np.asarray(value).nbytes + NPY_HEADER_BYTES + ZIP_ENTRY_BYTES + 2 * len(name)
+               for name, value in arrays.items())
 
 
 def write_npz(path: str | os.PathLike, **arrays) -> None:
-    with replacing(path) as temporary, open(temporary, "wb") as f:
+    with room_for(path, npz_bytes(arrays)), replacing(path) as temporary, \
+            open(temporary, "wb") as f:
         np.savez(f, **arrays)
+
+
+class _WriteOnly:
+    """A file as numpy sees it through `write` alone. np.save writes a real file with
+    `ndarray.tofile`, whose error on a full disk ("N requested and M written") carries no
+    errno; through `write` the disk's own ENOSPC or EDQUOT comes back."""
+
+    def __init__(self, file):
+        self.write = file.write
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """np.save(path, array), reporting a full disk as one (into a staging folder: no rename)."""
+    with open(path, "wb") as f:
+        np.save(_WriteOnly(f), array)
+
+
+def replace_folder(staging: str, path: str) -> None:
+    """Put the complete folder `staging` in place of `path` durably: every file in it and the
+    folder itself are flushed first, then it is renamed to `path` and the parent flushed. A
+    folder already at `path` is kept under another name until the new one is in place, then
+    removed (put back if the rename fails), so it is lost only once the new one is complete."""
+    for name in os.listdir(staging):
+        sync_file(os.path.join(staging, name))
+    sync_folder(staging)
+    old, moved = f"{staging}.old", False
+    try:
+        if os.path.exists(path):
+            os.replace(path, old)
+            moved = True
+        os.replace(staging, path)
+    except BaseException:
+        if moved and not os.path.exists(path):
+            os.replace(old, path)
+        raise
+    try:
+        sync_folder(os.path.dirname(os.path.abspath(path)))
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

@@ -11,7 +11,7 @@ import typing
 
 from jaxmem import recipes
 from jaxmem.config import Config
-from jaxmem.errors import UserError
+from jaxmem.errors import DiskFull, UserError
 
 
 def _flag_type(field: dataclasses.Field):
@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an ensemble of models on random subsets and write memorization "
                     "scores (Feldman & Zhang) to a run directory.",
         epilog="Exit status: 0 done; 2 bad input (one-line error); 75 stopped by SIGTERM or "
-               "SIGUSR1 after checkpointing the step in progress (rerun the same command with "
-               "--resume); 130 interrupted by Ctrl-C (checkpoints kept; --resume).")
+               "SIGUSR1 after checkpointing the step in progress, or by a full disk while "
+               "finished waves or checkpoints hold the work so far (rerun the same command "
+               "with --resume); 130 interrupted by Ctrl-C (checkpoints kept; --resume).")
     # A flag not given is absent from the namespace (SUPPRESS), so the dataset's recipe can
     # choose it (jaxmem/recipes.py); the help shows Config's default.
     for field in dataclasses.fields(Config):
@@ -146,6 +147,16 @@ def noise_line(metrics: dict) -> str:
             f"{verdict} noise; {tested}")
 
 
+def disk_full_line(full: DiskFull, overwrite: bool) -> str:
+    """The one line of a run stopped by a full disk: where, how much room, what is kept and
+    how to continue (a resume reuses every finished wave and checkpoint; --resume continues an
+    interrupted --overwrite run too, replacing the old run directory once the new one is
+    complete)."""
+    kept = f"; the work so far is kept in {full.kept}" if full.kept else ""
+    instead = " in place of --overwrite" if overwrite else ""
+    return f"{full.problem}{kept}: free space, then rerun the same command with --resume{instead}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = None
@@ -183,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         except Preempted as stop:
             print(f"stopped: {stop}", file=sys.stderr)
             return EXIT_PREEMPTED
+        except DiskFull as full:
+            print(f"error: {disk_full_line(full, args.overwrite)}", file=sys.stderr)
+            return EXIT_PREEMPTED if full.kept else 2
         except KeyboardInterrupt:
             pilot = f"{os.path.abspath(out)}.pilot"  # the pilot's lengths, when one ran
             kept = [pilot] * os.path.exists(pilot) + [work_dir_for(out, args.grow)]

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import sys
 
 import numpy as np
 
+from jaxmem import atomic
 from jaxmem.errors import UserError
 from jaxmem.rundir import Run, load_run
 from jaxmem.rundir.table import table_columns
@@ -49,13 +51,15 @@ def _cell(value) -> str:
 
 
 def write_table(run: Run, path: str) -> str:
-    """Write the table as CSV (empty cells for NaN) and return its path."""
+    """Write the table as CSV (empty cells for NaN) and return its path. The file appears
+    whole or not at all (jaxmem/atomic.py): a full disk leaves an older table as it was."""
     columns = table_columns(run)
     rows = zip(*(values.tolist() for values in columns.values()), strict=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows([_cell(v) for v in row] for row in rows)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(columns)
+    writer.writerows([_cell(v) for v in row] for row in rows)
+    atomic.write_text(path, table.getvalue())
     return path
 
 

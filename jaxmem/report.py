@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxmem import atomic
 from jaxmem.analysis import figures, gallery, influence, stats, tables, transient
 from jaxmem.errors import UserError
 from jaxmem.rundir import Run, load_run
@@ -71,9 +72,9 @@ def build_report(run_dirs: Sequence[str], out: str | None = None, threshold: flo
     page = ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
             f"<title>jaxmem report</title><style>{STYLE}</style></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(page)
+    with atomic.room_for(out, len(page)):
+        atomic.make_folder(os.path.dirname(out))
+    atomic.write_text(out, page)  # whole or not at all: a full disk keeps an older page
     return out
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxmem.atomic import umask_mode
+from jaxmem import atomic
 from jaxmem.canaries import real_examples
 from jaxmem.errors import UserError
 from jaxmem.estimator import (
@@ -30,6 +30,7 @@ from jaxmem.estimator import (
 )
 from jaxmem.margins import MarginSums, memorization_margin
 from jaxmem.margins import logits as margin_logits
+from jaxmem.rundir import manifest
 from jaxmem.significance import margin_pvalues, memorized_at_fdr
 
 REQUIRED_FILES = ("config.json", "masks.npy", "scores.npz", "metrics.json")
@@ -273,7 +274,9 @@ class Run:
 
 
 def load_run(path: str, dataset=None, all_models: bool = False) -> Run:
-    """Load a run directory written by `experiments/run.py`.
+    """Load a run directory written by `experiments/run.py`, after checking that every array
+    file is the one written (its size and SHA-256, as config.json records them; a DamagedRun
+    error names the first that differs: jaxmem/rundir/manifest.py).
 
     dataset: a `jaxmem.data.Dataset` to check against the run's fingerprints (refused with a
     UserError naming what differs, e.g. a changed label or a reordered training set).
@@ -281,12 +284,14 @@ def load_run(path: str, dataset=None, all_models: bool = False) -> Run:
     run directories (merge), never for analysis.
     """
     missing = [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(path, f))]
-    if missing:
+    if "config.json" in missing:
         raise UserError(f"{path} is not a complete run directory (missing {', '.join(missing)})")
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(path, "metrics.json")) as f:
-        metrics = json.load(f)
+    config = read_record(path, "config.json")
+    manifest.check(path, config.get(manifest.RECORD))  # names a missing array file first
+    if missing:
+        raise manifest.DamagedRun(f"{path} is not a complete run directory (missing "
+                                  f"{', '.join(missing)}); {manifest.RECOPY}")
+    metrics = read_record(path, "metrics.json")
     with np.load(os.path.join(path, "scores.npz")) as archive:
         scores = {key: archive[key] for key in archive.files}
     if dataset is not None:
@@ -317,35 +322,52 @@ def load_run(path: str, dataset=None, all_models: bool = False) -> Run:
                excluded_models=excluded_models, extra=extra, _rows=rows)
 
 
+def read_record(path: str, name: str) -> dict:
+    """A JSON record of the run directory `path` (config.json, metrics.json)."""
+    file = os.path.join(path, name)
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise manifest.DamagedRun(f"{file}: unreadable ({error}): {manifest.RECOPY}") from None
+
+
 def save_run(path: str, config: dict, metrics: dict, arrays: dict[str, np.ndarray],
              scores: dict[str, np.ndarray], correct_by_epoch: dict[str, np.ndarray]) -> None:
-    """Write a run directory atomically: everything goes to a sibling temporary folder that is
-    renamed into place at the end, so an interrupted write never leaves a half run behind.
+    """Write a run directory atomically and durably: everything goes to a sibling temporary
+    folder, whose files are flushed to the disk, and which is renamed into place at the end
+    (jaxmem/atomic.py), so an interrupted write, or a crash of the machine, never leaves a half
+    run behind, and a run already at `path` stays until the new one is complete. config.json
+    records every array file written with its size and SHA-256 (jaxmem/rundir/manifest.py).
+    A full disk raises DiskFull naming `path` and about the bytes the directory needs; the
+    temporary folder is removed.
 
-    arrays: name -> array saved as name.npy (masks, correct_train, correct_test);
+    arrays: name -> array saved as name.npy (masks, correct_train, correct_test, ...);
     correct_by_epoch: split -> [E, K, N] bool, saved bit-packed in correct_by_epoch.npz.
     """
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-    try:
-        os.chmod(staging, umask_mode(0o777))  # mkdtemp's 0700 would shut out the group
-        for name, value in arrays.items():
-            np.save(os.path.join(staging, f"{name}.npy"), value)
-        np.savez(os.path.join(staging, "scores.npz"), **scores)
-        packed = {}
-        for split, correct in correct_by_epoch.items():
-            packed[split] = np.packbits(correct, axis=-1)
-            packed[f"num_{split}"] = np.int64(correct.shape[-1])
-        np.savez_compressed(os.path.join(staging, "correct_by_epoch.npz"), **packed)
-        for name, record in (("config.json", config), ("metrics.json", metrics)):
-            with open(os.path.join(staging, name), "w") as f:
-                json.dump(record, f, indent=2, sort_keys=True)
-        replaced = f"{staging}.old"
-        if os.path.exists(path):  # kept under another name until the new one is in place
-            os.replace(path, replaced)
-        os.replace(staging, path)
-        shutil.rmtree(replaced, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    packed = {}
+    for split, correct in correct_by_epoch.items():
+        packed[split] = np.packbits(correct, axis=-1)
+        packed[f"num_{split}"] = np.int64(correct.shape[-1])
+    records = {"metrics.json": atomic.json_text(metrics), "config.json": atomic.json_text(config)}
+    needed = (atomic.npz_bytes(arrays) + atomic.npz_bytes(scores) + atomic.npz_bytes(packed)
+              + sum(len(text) for text in records.values()))
+    with atomic.room_for(path, needed):
+        atomic.make_folder(parent)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+        try:
+            os.chmod(staging, atomic.umask_mode(0o777))  # mkdtemp's 0700 shuts out the group
+            for name, value in arrays.items():
+                atomic.save_npy(os.path.join(staging, f"{name}.npy"), value)
+            np.savez(os.path.join(staging, "scores.npz"), **scores)
+            np.savez_compressed(os.path.join(staging, "correct_by_epoch.npz"), **packed)
+            records["config.json"] = atomic.json_text(
+                {**config, manifest.RECORD: manifest.describe(staging)})
+            for name, text in records.items():
+                with open(os.path.join(staging, name), "w") as f:
+                    f.write(text)
+            atomic.replace_folder(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise

@@ -11,25 +11,37 @@ saved without the padding rows of a wave, from host memory, so they restore on a
 each process of a multi-process job writes its own files (orbax's checkpointer writes no host
 arrays from a process other than 0).
 
-Files are written atomically (jaxmem/atomic.py), so a SIGKILL at any moment leaves a resumable
-state. While a run is alive it holds `lock` in the directory: a second run on the same output
-is refused.
+Files are written atomically and durably (jaxmem/atomic.py: flushed to the disk before their
+rename), so a SIGKILL, or a crash of the machine, at any moment leaves a resumable state. A file
+that is unreadable all the same (a filesystem that lost its data, a disk error) costs only the
+work in it: `--resume` continues a wave from its previous checkpoint, or trains it from the
+start, and trains the models of an unreadable finished wave again, saying so in one line each;
+model k is determined by (seed, k), so the result is the same. Such a file is renamed to
+`NAME.unreadable` (kept for inspection, never read again). A write that fills the disk raises
+`DiskFull`, which the work directory marks with where the work so far is kept, if anywhere.
+While a run is alive it holds `lock` in the directory: a second run on the same output is
+refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import re
 import shutil
+import sys
+import zipfile
+import zlib
 from typing import NamedTuple
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxmem import atomic
-from jaxmem.errors import UserError
+from jaxmem.errors import DiskFull, UserError
 from jaxmem.lockfile import Lock
 from jaxmem.rundir.fingerprint import check_same
 
@@ -37,6 +49,10 @@ KEEP_CHECKPOINTS = 2
 LOCK = "lock"
 _FINISHED = re.compile(r"models-(\d+)-(\d+)\.npz")
 _CHECKPOINT = re.compile(r"checkpoint-models-(\d+)-(\d+)")
+UNREADABLE = ".unreadable"  # the suffix an unreadable file is renamed to
+# What reading a damaged .npz raises: a missing or cut zip structure, a failed CRC-32, a
+# damaged .npy header inside, a missing member.
+DAMAGED = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 class Checkpoint(NamedTuple):
@@ -55,13 +71,15 @@ class WorkDir:
         """record: {"settings": ..., "fingerprints": ...} of the run about to train.
         overwrite: discard what an interrupted run left here."""
         self.path = path
-        os.makedirs(path, exist_ok=True)
+        self._whole: dict[str, tuple[int, int]] = {}  # checked checkpoints: (size, mtime_ns)
+        with atomic.room_for(path, atomic.FOLDER_BYTES):
+            atomic.make_folder(path)
         self._lock = Lock(os.path.join(path, LOCK), f"another run is writing {path} (it holds "
                           "its lock); wait for it to finish or stop it first")
         try:
             self._open(record, resume, overwrite)
-        except BaseException:
-            self.close()
+        except BaseException as error:
+            self.__exit__(type(error), error, None)
             raise
 
     def _open(self, record: dict, resume: bool, overwrite: bool) -> None:
@@ -78,19 +96,31 @@ class WorkDir:
             if glob.glob(os.path.join(self.path, "*wave-*")):
                 raise UserError(f"{self.path} was written by an older jaxmem (work kept by wave "
                                 "number); start again with --overwrite")
-            with open(record_path) as f:
-                saved = json.load(f)
-            check_same(saved["fingerprints"], record["fingerprints"], "refusing to resume")
+            try:
+                with open(record_path) as f:
+                    saved = json.load(f)["fingerprints"]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise UserError(f"{record_path} is unreadable ({error}), so the work in "
+                                f"{self.path} cannot be checked against this run; start again "
+                                "with --overwrite") from None
+            check_same(saved, record["fingerprints"], "refusing to resume")
         else:
             atomic.write_json(record_path, record)
 
     def close(self) -> None:
         self._lock.release()
 
+    def holds_work(self) -> bool:
+        """Is there a finished wave or a checkpoint here for a resume to continue?"""
+        return bool(self._matches(_FINISHED)) or any(
+            _steps(path) for path, _ in self._matches(_CHECKPOINT))
+
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, DiskFull) and error.kept is None and self.holds_work():
+            error.kept = self.path
         self.close()
 
     def _matches(self, pattern: re.Pattern) -> list[tuple[str, range]]:
@@ -99,11 +129,21 @@ class WorkDir:
                 for name, m in found if m]
 
     def finished(self) -> list[dict]:
-        """The arrays of every finished wave, each with its "model_indices"."""
+        """The arrays of every readable finished wave, each with its "model_indices". An
+        unreadable one is set aside with a warning naming it: its models train again."""
         waves = []
-        for path, _ in self._matches(_FINISHED):
-            with np.load(path) as archive:
-                waves.append({key: archive[key] for key in archive.files})
+        for path, models in self._matches(_FINISHED):
+            try:
+                with np.load(path) as archive:  # reading a member whole checks its CRC-32
+                    arrays = {key: archive[key] for key in archive.files}
+                if list(arrays["model_indices"]) != list(models):
+                    raise ValueError(f"it holds models {arrays['model_indices'].tolist()}")
+            except DAMAGED as error:
+                self._set_aside([(path, damage(path, error))],
+                                f"models {_span(models)} train again (each model is "
+                                "determined by the seed: the result is the same)")
+                continue
+            waves.append(arrays)
         return waves
 
     def save_finished(self, arrays: dict) -> None:
@@ -112,30 +152,69 @@ class WorkDir:
         models = arrays["model_indices"]
         atomic.write_npz(os.path.join(self.path, f"models-{models[0]}-{models[-1] + 1}.npz"),
                          **arrays)
-        done = {int(k) for wave in self.finished() for k in wave["model_indices"]}
+        done = {k for _, held in self._matches(_FINISHED) for k in held}
         for path, held in self._matches(_CHECKPOINT):
             if done.issuperset(held):
                 shutil.rmtree(path, ignore_errors=True)
 
     def checkpoints(self) -> list[Checkpoint]:
-        """Every wave in progress (its newest checkpoint)."""
+        """Every wave in progress: its newest readable checkpoint. Unreadable newer ones are
+        set aside with one line saying where the wave continues from instead."""
         found = []
-        for path, models in self._matches(_CHECKPOINT):
-            steps = _steps(path)
-            if steps:
-                found.append(Checkpoint(os.path.join(path, f"{steps[-1]}.npz"), models,
-                                        steps[-1]))
+        for folder, models in self._matches(_CHECKPOINT):
+            unreadable, newest = [], None
+            for steps in reversed(_steps(folder)):
+                path = os.path.join(folder, f"{steps}.npz")
+                problem = self._unreadable(path)
+                if problem is None:
+                    newest = Checkpoint(path, models, steps)
+                    break
+                unreadable.append((path, problem))
+            if unreadable:
+                self._set_aside(unreadable, f"models {_span(models)} train from the start"
+                                if newest is None else
+                                f"models {_span(models)} continue from the previous "
+                                f"checkpoint, {steps}.npz ({steps} steps)")
+            found += [newest] if newest else []
         return found
+
+    def _unreadable(self, path: str) -> str | None:
+        """Why the checkpoint `path` cannot be read (None: it can; every member is read and
+        checked against its CRC-32 once per process)."""
+        stat = os.stat(path)
+        if self._whole.get(path) == (stat.st_size, stat.st_mtime_ns):
+            return None
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except DAMAGED as error:
+            return damage(path, error)
+        if bad is not None:
+            return f"its member {bad} is damaged"
+        self._whole[path] = (stat.st_size, stat.st_mtime_ns)
+        return None
+
+    def _set_aside(self, unreadable: list[tuple[str, str]], instead: str) -> None:
+        """Rename unreadable files to NAME.unreadable, so that no resume reads them again, and
+        say so in one line."""
+        for path, _ in unreadable:
+            with contextlib.suppress(OSError):  # left in place, it is found unreadable again
+                os.replace(path, path + UNREADABLE)
+        what = "; ".join(f"{path} is unreadable ({problem})" for path, problem in unreadable)
+        tqdm.write(f"resume: {what}; {instead}", file=sys.stderr)
 
     def save_checkpoint(self, models: range, position: int, states, partial: dict) -> None:
         """The states (host arrays, one row per model of `models`) and partial results of a
         wave in progress after `position` steps, in one file."""
         path = os.path.join(self.path, f"checkpoint-models-{models.start}-{models.stop}")
-        os.makedirs(path, exist_ok=True)
-        leaves = jax.tree.leaves(states)
-        atomic.write_npz(os.path.join(path, f"{position}.npz"),
-                         **{f"state_{i}": leaf for i, leaf in enumerate(leaves)},
-                         **{f"partial_{name}": value for name, value in partial.items()})
+        file = os.path.join(path, f"{position}.npz")
+        arrays = {**{f"state_{i}": leaf for i, leaf in enumerate(jax.tree.leaves(states))},
+                  **{f"partial_{name}": value for name, value in partial.items()}}
+        with atomic.room_for(path, atomic.FOLDER_BYTES):
+            atomic.make_folder(path)
+        atomic.write_npz(file, **arrays)
+        stat = os.stat(file)
+        self._whole[file] = (stat.st_size, stat.st_mtime_ns)  # written whole, just now
         for old in _steps(path)[:-KEEP_CHECKPOINTS]:
             os.remove(os.path.join(path, f"{old}.npz"))
 
@@ -151,6 +230,16 @@ class WorkDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def damage(path: str, error: Exception) -> str:
+    """What is wrong with a file that failed to read, in a few words."""
+    size = os.path.getsize(path)
+    return "empty" if size == 0 else f"{size:,} bytes: {error}"
+
+
+def _span(models: range) -> str:
+    return f"{models.start}..{models.stop - 1}"
 
 
 def _steps(path: str) -> list[int]:

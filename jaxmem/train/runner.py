@@ -100,7 +100,10 @@ def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
     if grow:
         config = pilot.grown_length(config, sources or {}, out)
         return grow_run(config, out, resume, progress, provenance_extra, overwrite)
-    check_output_dir(out, overwrite)
+    # --resume continues an interrupted run, one started with --overwrite too (whose old run
+    # directory stays until the new one is complete)
+    interrupted = any(map(os.path.isdir, (work_dir_of(out), f"{os.path.abspath(out)}.pilot")))
+    check_output_dir(out, overwrite or resume and interrupted)
     if pilot.wanted(config, sources or {}):
         return pilot.run_with_pilot(config, sources, out, overwrite, resume, progress,
                                     train_and_evaluate)
