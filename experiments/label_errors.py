@@ -56,11 +56,6 @@ def top_k_hits(ranked: np.ndarray, changed: np.ndarray, k: int) -> dict:
             "recall": found / len(changed)}
 
 
-def rank_by_memorization(memorization: np.ndarray) -> np.ndarray:
-    """Indices by score, highest first (NaN last)."""
-    return np.argsort(-np.nan_to_num(memorization, nan=-np.inf), kind="stable")
-
-
 def rank_by_suggestion(labels, suggested, share, heldout_probs) -> np.ndarray:
     """Indices whose held-out suggestion disagrees with the label, largest share first; equal
     shares (with ~5 held-out models, many are 1.0) by the held-out probability of the given
@@ -131,7 +126,7 @@ def main(argv=None) -> int:
                                                       ensemble.extra["heldout_votes"])
     cv_probs, _ = out_of_sample_probs(cv.heldout.prob_sum, cv.heldout.votes)
     rankings = {
-        "jaxmem memorization": rank_by_memorization(ensemble.memorization),
+        "jaxmem memorization": ensemble.ranking(),
         "jaxmem suggested label": rank_by_suggestion(labels, ensemble.suggested_label,
                                                      ensemble.suggested_label_share,
                                                      jaxmem_probs),

@@ -131,27 +131,42 @@ def _ratio_variance(t, count, dof):
     return np.where(finite, variance, np.where(np.isinf(dof), 1.0 / count, np.inf))
 
 
-def moderated_prior(variance: np.ndarray, dof: np.ndarray) -> tuple[float, float]:
-    """(prior degrees of freedom d0, prior variance s0^2) of a scaled inverse chi-square
+# The prior's variance follows the margins' mean (in examples sorted by it, bins of at least
+# TREND_BIN_EXAMPLES, at most TREND_BINS bins): the margins of an example that every model gets
+# right spread less than those of one the models disagree on.
+TREND_BINS = 16
+TREND_BIN_EXAMPLES = 64
+
+
+def moderated_prior(variance: np.ndarray, dof: np.ndarray, mean: np.ndarray
+                    ) -> tuple[float, np.ndarray]:
+    """(prior degrees of freedom d0, prior variance s0^2 [N]) of a scaled inverse chi-square
     prior on per-example variances, fitted to sample variances [N] with dof [N] by the method
     of moments on their logarithms (Smyth 2004, "Linear models and empirical Bayes methods for
-    assessing differential expression"). d0 = inf when the variances are no more spread than
-    sampling alone spreads them (one common variance). Examples with dof < 1 or a variance of
-    0 do not inform the prior."""
+    assessing differential expression"), with s0^2 a function of the examples' mean margin
+    (binned, interpolated: the trend of limma-trend). d0 = inf when the variances are no more
+    spread around the trend than sampling alone spreads them. Examples with dof < 1 or a
+    variance of 0 do not inform the prior."""
     from scipy.special import digamma, polygamma
 
     usable = (dof >= 1) & (variance > 0) & np.isfinite(variance)
     if usable.sum() < 3:
         positive = variance[usable]
-        return np.inf, float(positive.mean()) if len(positive) else 1.0
-    variance, dof = variance[usable], dof[usable]
-    centred = np.log(variance) - digamma(dof / 2) + np.log(dof / 2)
-    excess = centred.var(ddof=1) - polygamma(1, dof / 2).mean()
+        return np.inf, np.full(variance.shape, positive.mean() if len(positive) else 1.0)
+    centred = (np.log(variance[usable]) - digamma(dof[usable] / 2)
+               + np.log(dof[usable] / 2))  # E = log s0^2 + digamma(d0/2) - log(d0/2)
+    bins = max(1, min(TREND_BINS, usable.sum() // TREND_BIN_EXAMPLES))
+    order = np.argsort(mean[usable], kind="stable")
+    groups = np.array_split(order, bins)
+    centres = np.array([np.median(mean[usable][g]) for g in groups])
+    levels = np.array([centred[g].mean() for g in groups])
+    trend_usable = np.interp(mean[usable], centres, levels)
+    trend = np.interp(np.nan_to_num(mean), centres, levels)
+    excess = (centred - trend_usable).var(ddof=bins) - polygamma(1, dof[usable] / 2).mean()
     if excess <= 0:
-        return np.inf, float(np.exp(centred.mean()))
+        return np.inf, np.exp(trend)
     prior_dof = 2 * _inverse_trigamma(excess)
-    prior_var = float(np.exp(centred.mean() + digamma(prior_dof / 2) - np.log(prior_dof / 2)))
-    return float(prior_dof), prior_var
+    return float(prior_dof), np.exp(trend + digamma(prior_dof / 2) - np.log(prior_dof / 2))
 
 
 def _inverse_trigamma(y: float) -> float:
@@ -181,7 +196,7 @@ def normal_fits(count, total, total_sq) -> NormalFits:
     sample_var = np.where(sample_dof > 0, sample_var, 0.0)
     variance, dof = np.empty_like(mean), np.empty_like(mean)
     for row in np.ndindex(mean.shape[:-1]):
-        prior_dof, prior_var = moderated_prior(sample_var[row], sample_dof[row])
+        prior_dof, prior_var = moderated_prior(sample_var[row], sample_dof[row], mean[row])
         if np.isinf(prior_dof):
             variance[row], dof[row] = prior_var, np.inf
         else:

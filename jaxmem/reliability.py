@@ -23,12 +23,14 @@ TARGET_RELIABILITY = 0.9
 # Both halves score an example once it has this many in- and held-out models in each half
 # (the estimator's own minimum); the same examples are used for both estimators.
 HALF_MIN_COUNT = 2
+# Random splits averaged: one split's correlation varies with the split.
+SPLITS = 8
 
 
 def spearman_brown(rho: float, factor: float) -> float:
     """The reliability of a score over `factor` times as many models as one of reliability
-    rho."""
-    return factor * rho / (1 + (factor - 1) * rho)
+    rho (NaN where rho <= 0: no agreement to build on)."""
+    return factor * rho / (1 + (factor - 1) * rho) if rho > 0 else float("nan")
 
 
 def models_for(target: float, rho: float, models: int) -> float:
@@ -41,9 +43,10 @@ def models_for(target: float, rho: float, models: int) -> float:
     return models * target * (1 - rho) / (rho * (1 - target))
 
 
-def halves(num_models: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two halves of the model rows 0..K-1 (K // 2 and K - K // 2), drawn from the seed."""
-    order = np.random.default_rng([seed, 0x5E1F]).permutation(num_models)
+def halves(num_models: int, seed: int, split: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split `split` of the model rows 0..K-1 in two halves (K // 2 and K - K // 2), drawn
+    from the seed."""
+    order = np.random.default_rng([seed, 0x5E1F, split]).permutation(num_models)
     return np.sort(order[:num_models // 2]), np.sort(order[num_models // 2:])
 
 
@@ -55,42 +58,56 @@ def _ranks_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b)[0])
 
 
+def _half_scores(masks, correct, units, rows) -> dict[str, np.ndarray]:
+    """Both estimators' scores [N] from the models `rows` (NaN below HALF_MIN_COUNT)."""
+    plain = estimator.memorization_scores(masks[rows], correct[rows], HALF_MIN_COUNT)
+    scores = {"plain": plain["memorization"]}
+    if units is not None:
+        in_count, out_count = estimator.membership_counts(masks[rows])
+        sums = MarginSums.of(units[rows][None], masks[rows], np.ones(len(rows), bool))
+        margin = memorization_margin(in_count, out_count, sums)["memorization_margin"][0]
+        scores["margin"] = np.where(plain["low_count"], np.nan, margin)
+    return scores
+
+
 def split_half(masks: np.ndarray, correct: np.ndarray, units: np.ndarray | None,
                seed: int, examples: np.ndarray | None = None) -> dict:
     """The run's split-half reliability. masks, correct [K, N] bool and units [K, N] int16
     margins (None: no margins) of the included models at the last evaluated epoch;
-    examples [N] bool: the examples to correlate over (default all; canaries are left out by
-    the caller). Returns a JSON-ready record: per estimator ("plain", and "margin" when there
-    are margins) the halves' Spearman correlation, the reliability at K (Spearman-Brown), the
-    models it needs for TARGET_RELIABILITY, and for the margin estimate the models the plain
-    estimator would need for the margin estimate's reliability."""
+    examples [N] bool: the examples that count (default all; the caller leaves the canaries
+    out).
+
+    The correlation is over the CONTESTED examples, those that at least one model gets wrong:
+    an example every model gets right scores exactly 0 in any run of the plain estimator, and
+    a Spearman correlation over a block of such ties (89% of the digits) measures the ties,
+    not the scores. It is the mean over SPLITS splits, each over the examples both halves
+    score. Returns a JSON-ready record: per estimator ("plain", and "margin" when there are
+    margins) the halves' mean Spearman correlation, the reliability at K (Spearman-Brown),
+    the models it needs for TARGET_RELIABILITY, and for the margin estimate the models the
+    plain estimator would need for the margin estimate's reliability."""
     masks, correct = np.asarray(masks, bool), np.asarray(correct, bool)
     num_models = len(masks)
     examples = np.ones(masks.shape[1], bool) if examples is None else np.asarray(examples, bool)
+    contested = examples & ~correct.all(axis=0)
     record = {"num_models": num_models, "seed": int(seed), "target": TARGET_RELIABILITY,
-              "half_min_count": HALF_MIN_COUNT}
-    if num_models < 4:
-        return {**record, "examples": 0, "plain": None, "margin": None}
-    first, second = halves(num_models, seed)
-    scored, per_half = examples.copy(), {"plain": [], "margin": []}
-    for rows in (first, second):
-        plain = estimator.memorization_scores(masks[rows], correct[rows], HALF_MIN_COUNT)
-        scored &= ~plain["low_count"]
-        per_half["plain"].append(plain["memorization"])
-        if units is not None:
-            in_count, out_count = estimator.membership_counts(masks[rows])
-            sums = MarginSums.of(np.asarray(units)[rows][None], masks[rows],
-                                 np.ones(len(rows), bool))
-            per_half["margin"].append(
-                memorization_margin(in_count, out_count, sums)["memorization_margin"][0])
-    record["examples"] = int(scored.sum())
+              "half_min_count": HALF_MIN_COUNT, "splits": SPLITS,
+              "contested_examples": int(contested.sum()), "plain": None, "margin": None}
+    if num_models < 4 or not contested.any():
+        return record
+    units = None if units is None else np.asarray(units)
+    correlations: dict[str, list[float]] = {}
+    for split in range(SPLITS):
+        first, second = (_half_scores(masks, correct, units, rows)
+                         for rows in halves(num_models, seed, split))
+        scored = contested & np.isfinite(first["plain"]) & np.isfinite(second["plain"])
+        for name in first:
+            correlations.setdefault(name, []).append(
+                _ranks_correlation(first[name][scored], second[name][scored]))
     half = num_models / 2
-    for name, (a, b) in ((n, v) for n, v in per_half.items() if v):
-        rho = _ranks_correlation(a[scored], b[scored])
-        reliability = spearman_brown(rho, 2.0) if np.isfinite(rho) else float("nan")
-        record[name] = {"half_spearman": rho, "reliability": reliability,
+    for name, values in correlations.items():
+        rho = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+        record[name] = {"half_spearman": rho, "reliability": spearman_brown(rho, 2.0),
                         "models_for_target": models_for(TARGET_RELIABILITY, rho, half)}
-    record.setdefault("margin", None)
     if record["margin"] and record["plain"]:
         record["margin"]["plain_models_for_same"] = models_for(
             record["margin"]["reliability"], record["plain"]["half_spearman"], half)

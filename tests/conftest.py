@@ -17,6 +17,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The suite never downloads a dataset (tests/test_download.py lifts this for a local server).
 os.environ["JAXMEM_NO_DOWNLOAD"] = "1"
 
+from jaxmem import margins
 from jaxmem.config import Config
 from jaxmem.rundir import DataInfo, EnsembleResult, write_run
 from jaxmem.rundir.heldout import HeldoutSums
@@ -53,7 +54,8 @@ def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits"
     evenly spread, are recorded as canaries: each is correct exactly when in the subset
     (score 1, above every real example), except that the last is held out by only 2 models
     (a NaN score, low count) and the one before is right half the time either way (the
-    largest standard error). Written by the project's own run writer, exactly as a trained run.
+    largest standard error). Each model's margin on an example has a random size and the sign
+    of its correctness. Written by the project's own run writer, exactly as a trained run.
     """
     rng = np.random.default_rng(seed)
     if dataset == "digits" and num_train is None:
@@ -105,9 +107,12 @@ def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits"
     heldout = HeldoutSums.zeros(num_train, num_classes)
     heldout.add(0, predicted, np.eye(num_classes, dtype=np.float32)[predicted],
                 ~masks & np.isfinite(train_loss).all(0)[:, None])
+    # margins: a size drawn per model and example, the sign of the correctness
+    units = margins.quantize(np.abs(rng.normal(2.0, 1.5, correct.shape)), correct)
     result = EnsembleResult(np.arange(num_models), masks, list(epochs), correct, correct_test,
                             train_loss, 1.0 - train_loss / 2.0, devices=["cpu"],
-                            heldout=heldout)
+                            heldout=heldout, margins=units[-1], margin_sums=margins.MarginSums.of(
+                                units, masks, np.isfinite(train_loss).all(0)))
     settings = Config(arch=arch, dataset=dataset, num_models=num_models, epochs=max(epochs),
                       eval_every=epochs[0], seed=config_seed, threshold=threshold,
                       min_count=min_count, subset_ratio=subset_ratio, drop_diverged=True).to_dict()

@@ -330,12 +330,17 @@ def test_figures_are_written(fake_run_dir, tmp_path):
 def test_galleries(fake_run_dir, tmp_path):
     run = jaxmem.load_run(fake_run_dir())
     dataset = gallery.load_dataset(run)
-    top = gallery.top_per_class(run.memorization, dataset.y_train, 3, [0, 7])
+    top = gallery.top_per_class(run.memorization, dataset.y_train, 3, [0, 7],
+                                run.memorization_margin)
     for cls, indices in top.items():
         members = [i for i in range(len(dataset.y_train)) if dataset.y_train[i] == cls
                    and np.isfinite(run.memorization[i])]
-        best = sorted(members, key=lambda i: (-run.memorization[i], i))[:3]
+        best = sorted(members, key=lambda i: (-run.memorization[i],
+                                              -run.memorization_margin[i], i))[:3]
         assert indices.tolist() == best
+    # the fake run ties many examples at the top score: the margin estimate orders them
+    assert len(set(run.memorization[top[0]])) == 1 and \
+        (np.diff(run.memorization_margin[top[0]]) < 0).all()
     path = str(tmp_path / "gallery.png")
     fig = gallery.most_memorized_gallery(run, dataset, per_class=4, max_classes=3, path=path)
     texts = [t.get_text() for t in fig.axes[0].texts]
@@ -492,8 +497,10 @@ def test_canaries_are_left_out_of_every_number_that_excludes_them(fake_run_dir, 
     assert not set(run.memorized(0.25, fdr=0.05)) & set(canary)
     top = run.most_memorized(10)
     assert not set(top) & set(canary)
-    np.testing.assert_array_equal(top, np.argsort(-np.where(real, np.nan_to_num(
-        scores, nan=-np.inf), -np.inf), kind="stable")[:10])
+    by_score = sorted(np.flatnonzero(real), key=lambda i: (
+        -np.nan_to_num(scores[i], nan=-np.inf), -run.memorization_margin[i], i))
+    np.testing.assert_array_equal(top, by_score[:10])
+    np.testing.assert_array_equal(run.ranking(), by_score)  # every real example, once
     plotted = []
     monkeypatch.setattr(figures, "score_histograms",
                         lambda values, *args, **kwargs: plotted.extend(values.values()))

@@ -44,8 +44,6 @@ def test_rankings_and_their_precision_and_recall(script):
     hits = script.top_k_hits(np.array([5, 0, 7, 2]), changed, 3)
     assert hits == {"found": 2, "ranked": 3, "precision": 2 / 3, "recall": 2 / 3}
     assert script.top_k_hits(np.array([7]), changed, 3)["precision"] == 1.0  # fewer than k
-    np.testing.assert_array_equal(
-        script.rank_by_memorization(np.array([0.1, np.nan, 0.9, 0.5])), [2, 3, 0, 1])
     labels = np.array([0, 1, 2, 3, 4])
     suggested = np.array([0, 2, -1, 1, 3])
     share = np.array([1.0, 0.6, np.nan, 0.9, 0.6])

@@ -14,6 +14,7 @@ from jaxmem.analysis.figures import save
 from jaxmem.analysis.influence import InfluencePairs
 from jaxmem.errors import UserError
 from jaxmem.rundir import Run
+from jaxmem.rundir.store import rank_order
 
 CELL_INCHES = 1.1
 
@@ -40,13 +41,16 @@ def load_dataset(run: Run):
 
 
 def top_per_class(memorization: np.ndarray, labels: np.ndarray, per_class: int,
-                  classes: Sequence[int]) -> dict[int, np.ndarray]:
-    """{class: indices of its `per_class` highest finite scores, highest first}."""
+                  classes: Sequence[int], tiebreak: np.ndarray | None = None
+                  ) -> dict[int, np.ndarray]:
+    """{class: indices of its `per_class` highest finite scores, highest first; equal scores
+    by the higher `tiebreak` (e.g. the margin estimate), then by index}."""
     memorization = np.asarray(memorization, np.float64)
+    tiebreak = np.zeros_like(memorization) if tiebreak is None else tiebreak
     result = {}
     for cls in classes:
         members = np.flatnonzero((labels == cls) & np.isfinite(memorization))
-        order = np.argsort(-memorization[members], kind="stable")
+        order = rank_order(memorization[members], np.asarray(tiebreak)[members])
         result[int(cls)] = members[order[:per_class]]
     return result
 
@@ -100,7 +104,8 @@ def mosaic(cells: list[list[tuple[np.ndarray, str] | None]], row_labels: Sequenc
 def most_memorized_gallery(run: Run, dataset=None, per_class: int = 6,
                            classes: Sequence[int] | None = None, max_classes: int = 10,
                            epoch: int | None = None, path: str | None = None) -> Figure:
-    """One row per class: its most memorized training images, titled '#index score' and,
+    """One row per class: its most memorized training images (equal scores ordered by the
+    margin estimate, as in `Run.ranking`), titled '#index score' and,
     below, the label the models that held the image out suggest with their share of votes
     ('held-out: 3 80%'; a suggestion other than the row's class points at a label to check).
 
@@ -115,7 +120,8 @@ def most_memorized_gallery(run: Run, dataset=None, per_class: int = 6,
         best = [np.nanmax(memorization[labels == c], initial=-np.inf) for c in present]
         order = np.argsort(-np.nan_to_num(np.asarray(best), nan=-np.inf), kind="stable")
         classes = sorted(int(c) for c in present[order[:max_classes]])
-    top = top_per_class(memorization, labels, per_class, classes)
+    top = top_per_class(memorization, labels, per_class, classes,
+                        run.memorization_margin_by_epoch[run.epoch_position(epoch)])
     cells = [[(dataset.x_train[i], f"#{i} {memorization[i]:.2f}\n{suggestion(run, i)}")
               for i in indices] for indices in top.values()]
     if not any(cells):

@@ -77,7 +77,10 @@ class Run:
 
     Per example: memorization [N] (last evaluated epoch), memorization_se [N],
     memorization_by_epoch, memorization_se_by_epoch [E, N], threshold_pvalue_by_epoch [E, N]
-    (p-value of H0: score <= the run's threshold; NaN in runs written before it), labels [N],
+    (p-value of H0: score <= the run's threshold; NaN in runs written before it), the
+    model-based estimate of the same score from the models' margins (jaxmem/margins.py):
+    memorization_margin, memorization_margin_se [N] and memorization_margin_by_epoch,
+    memorization_margin_se_by_epoch [E, N] (NaN in runs written before margins), labels [N],
     in_count, out_count, low_count [N], original_index [N]; test_labels [N_test]; epochs [E]
     (1-based).
     Per model: train_acc (own subset), heldout_acc, test_acc [E, K]; train_loss,
@@ -100,6 +103,10 @@ class Run:
     memorization_by_epoch: np.ndarray
     memorization_se_by_epoch: np.ndarray
     threshold_pvalue_by_epoch: np.ndarray
+    memorization_margin: np.ndarray
+    memorization_margin_se: np.ndarray
+    memorization_margin_by_epoch: np.ndarray
+    memorization_margin_se_by_epoch: np.ndarray
     epochs: np.ndarray
     labels: np.ndarray
     test_labels: np.ndarray
@@ -228,11 +235,19 @@ class Run:
             margin = {"memorization_margin": nothing, "memorization_margin_se": nothing}
         return {**plain, **margin, "in_count": in_count, "out_count": out_count}
 
+    def ranking(self, epoch: int | None = None) -> np.ndarray:
+        """The real examples (no canaries), most memorized first: by score, ties broken by
+        the margin estimate (`memorization_margin`), then by index; NaN scores last. The 0/1
+        estimator ties often with few models (a K = 32 run scores 136 of 2,000 examples
+        exactly 1.00), and the margins carry the order among them."""
+        position = self.epoch_position(epoch)
+        order = rank_order(self.scores_at(epoch), self.memorization_margin_by_epoch[position])
+        return order[self.real[order]]
+
     def most_memorized(self, count: int = 10, epoch: int | None = None) -> np.ndarray:
-        """Indices of the `count` highest scores of real examples (no canaries), highest first
-        (NaN scores last)."""
-        scores = np.nan_to_num(self.counted_scores(epoch), nan=-np.inf)
-        return np.argsort(-scores, kind="stable")[:min(count, int(self.real.sum()))]
+        """Indices of the `count` most memorized real examples (no canaries), first first:
+        the top of `ranking`."""
+        return self.ranking(epoch)[:count]
 
     def to_frame(self):
         """The run's table (`jaxmem.export`: one row per training example) as a pandas
@@ -273,6 +288,13 @@ class Run:
         return np.where(self.real, self.scores_at(epoch), np.nan)
 
 
+def rank_order(scores: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Indices [N] by descending score, equal scores by descending tiebreak, then by index;
+    NaN after every number in each key."""
+    keys = [np.nan_to_num(-np.asarray(a, np.float64), nan=np.inf) for a in (tiebreak, scores)]
+    return np.lexsort(keys)
+
+
 def load_run(path: str, dataset=None, all_models: bool = False) -> Run:
     """Load a run directory written by `experiments/run.py`, after checking that every array
     file is the one written (its size and SHA-256, as config.json records them; a DamagedRun
@@ -301,6 +323,10 @@ def load_run(path: str, dataset=None, all_models: bool = False) -> Run:
                    f"dataset {dataset.name!r} does not match run {path}")
     for name in ("canary_index", "canary_original_label"):  # runs written without canaries
         scores.setdefault(name, np.zeros(0, np.int64))
+    for name in ("memorization_margin", "memorization_margin_se"):  # written without margins
+        scores.setdefault(name, np.full(scores["memorization"].shape, np.nan))
+        scores.setdefault(f"{name}_by_epoch", np.full(scores["memorization_by_epoch"].shape,
+                                                      np.nan))
     scores.setdefault("threshold_pvalue_by_epoch",  # runs written without the test
                       np.full(scores["memorization_by_epoch"].shape, np.nan))
     num_train = len(scores["labels"])  # runs written without held-out predictions
