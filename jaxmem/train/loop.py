@@ -147,7 +147,7 @@ class Trainer:
             totals = ensemble.zero_totals(len(rows))
             if epoch == config.epochs:
                 break
-            if work and (stop.stopping or
+            if work and (stop.poll() or
                          time.perf_counter() - saved >= config.checkpoint_seconds):
                 saved = self._checkpoint(work, models, epoch * self.steps, states, totals,
                                          result)
