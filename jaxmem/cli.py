@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped: {stop}", file=sys.stderr)
             return EXIT_PREEMPTED
         except KeyboardInterrupt:
-            pilot = f"{os.path.abspath(out)}.pilot"  # the pilot's lengths, when one ran
-            kept = [pilot] * os.path.exists(pilot) + [work_dir_for(out, args.grow)]
+            pilot = f"{os.path.abspath(out)}.pilot"  # the pilot's work, when one ran
+            kept = pilot if os.path.exists(pilot) else work_dir_for(out, args.grow)
             print("interrupted; no run directory was written; its checkpoints are kept in "
-                  f"{' and '.join(kept)}: rerun with --resume", file=sys.stderr)
+                  f"{kept}: rerun with --resume", file=sys.stderr)
             return 130
         return 0
     except UserError as err:

@@ -101,10 +101,10 @@ def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
     if grow:
         config = pilot.grown_length(config, sources or {}, out)
         return grow_run(config, out, resume, progress, provenance_extra, overwrite)
-    check_output_dir(out, overwrite)
-    if pilot.wanted(config, sources or {}):
+    if pilot.wanted(config, sources or {}):  # it checks `out` itself
         return pilot.run_with_pilot(config, sources, out, overwrite, resume, progress,
                                     train_and_evaluate)
+    check_output_dir(out, overwrite)
     if jax.process_count() > 1:
         return run_multiprocess(config, out, overwrite, resume, progress, provenance_extra)
     return train_and_evaluate(config, out, overwrite, resume, progress,
