@@ -92,15 +92,22 @@ def summary(out: str, metrics: dict) -> str:
         *([f"diverged and excluded: models {metrics['diverged_models']}"]
           if metrics["diverged_models"] else []),
         accuracy_line(metrics),
-        f"time: {metrics['wall_time_s']:.1f} s on {metrics['num_devices']} device(s), "
-        f"{metrics['train_model_examples_per_s']:.0f} model-examples/s training, "
-        f"{metrics['eval_model_examples_per_s']:.0f} evaluating, "
-        f"{metrics['seconds_per_model']:.2f} s/model, {metrics['models_per_hour']:.0f} "
-        f"models/hour" + (f", peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB"
-                          if metrics.get("peak_memory_bytes") else ""),
+        time_line(metrics),
         f"run directory: {out}  (load with jaxmem.load_run({out!r}))",
         table_line(out),
     ])
+
+
+def time_line(metrics: dict) -> str:
+    share = (f" ({100 * metrics['eval_share']:.0f}% of the time training and evaluating)"
+             if "eval_share" in metrics else "")  # runs written before it was recorded
+    peak = (f", peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB"
+            if metrics.get("peak_memory_bytes") else "")
+    return (f"time: {metrics['wall_time_s']:.1f} s on {metrics['num_devices']} device(s), "
+            f"{metrics['train_model_examples_per_s']:.0f} model-examples/s training, "
+            f"{metrics['eval_model_examples_per_s']:.0f} evaluating{share}, "
+            f"{metrics['seconds_per_model']:.2f} s/model, {metrics['models_per_hour']:.0f} "
+            f"models/hour{peak}")
 
 
 def accuracy_line(metrics: dict) -> str:

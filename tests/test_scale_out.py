@@ -153,6 +153,9 @@ def test_merged_parts_equal_a_single_run(npz, uninterrupted, tmp_path):
     np.testing.assert_array_equal(merged.extra["margin_sums"],
                                   uninterrupted.extra["margin_sums"])
     assert merged.config["model_range"] is None and merged.metrics["num_models"] == 4
+    timed = [sum(load_run(p).metrics[f"{part}_seconds"] for p in parts)
+             for part in ("compile", "train", "eval", "checkpoint")]
+    assert merged.metrics["eval_share"] == pytest.approx(timed[2] / sum(timed))
     assert merged.config["fdr"] == merged.metrics["fdr"] == 0.05
     assert merged.metrics["wall_time_s"] == 160.0  # the span 100..260, not 100 + 110
     assert merged.metrics["run_intervals_utc"] == [[100.0, 200.0], [150.0, 260.0]]
@@ -395,8 +398,11 @@ def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_in_any_layout(npz, s
         f"stopped: SIGTERM received: models 3..5 checkpointed at epoch 1, step 1 of {STEPS} in "
         f"{work_dir_of(out)}; rerun the same command with --resume to continue (exit status "
         "75)")
-    # the plan has a line of its own, before the progress bar draws anything
+    # the plan has a line of its own, before the progress bar draws anything, with the
+    # training and evaluation time it projects
     plan = output.index("plan: 6 models in 2 wave(s)")
+    assert re.match(r"plan: [^\n]* -> about \d+ s of training and \d+ s of evaluation "
+                    r"\(\d+% of them\)\n", output[plan:])
     assert plan == 0 or output[plan - 1] == "\n"
     assert "%|" not in output[:plan] and "%|" in output[plan:]
     assert contents(work_dir_of(out)) == (["models-0-3.npz"], {"checkpoint-models-3-6": 1})
