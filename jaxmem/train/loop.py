@@ -218,7 +218,7 @@ class Trainer:
                 jax.block_until_ready(totals)
                 warm = time.perf_counter()
                 result["compile_seconds"] += warm - tic
-            self._time_plan(totals, states, orders, result)
+            warm += self._time_plan(totals, states, orders, result)  # not training's time
             # Wait on the totals of two steps back: the bar shows real progress without a
             # sync every step.
             in_flight.append(totals)
@@ -230,41 +230,46 @@ class Trainer:
                 return states, totals, step + 1
         real = result["train_loss"].shape[1]
         finished = jax.tree.map(lambda t: np.asarray(t)[:real], totals)
-        self._time_plan(None, states, orders, result)
+        warm += self._time_plan(None, states, orders, result)
         result["train_seconds"] += time.perf_counter() - warm
         examples = np.maximum(finished.examples, 1.0)
         result["train_loss"][epoch] = finished.loss_sum / examples
         result["train_batch_acc"][epoch] = finished.correct / examples
         return states, totals, self.steps
 
-    def _time_plan(self, totals, states, orders, result) -> None:
+    def _time_plan(self, totals, states, orders, result) -> float:
         """Time PLAN_WARMUP_STEPS steps after a first (compiling) one for the plan line;
         totals None: the epoch ended, use the steps timed so far. Then time part of an
-        evaluation of `states` (orders: this epoch's, `_time_evaluation`)."""
+        evaluation of `states` (orders: this epoch's, `_time_evaluation`); returns the seconds
+        that took (0 before)."""
         if self.plan is None:
-            return
+            return 0.0
         if self._plan_clock is None:
             if totals is not None:
                 jax.block_until_ready(totals)
                 self._plan_clock = (time.perf_counter(), 0)
-            return
+            return 0.0
         start, count = self._plan_clock
         count += totals is not None
-        if count and (count == PLAN_WARMUP_STEPS or totals is None):
-            if totals is not None:
-                jax.block_until_ready(totals)
-            step_seconds = (time.perf_counter() - start) / count
-            self.plan(step_seconds, self._time_evaluation(states, orders, result))
-            self.plan = None
-        else:
+        if not (count and (count == PLAN_WARMUP_STEPS or totals is None)):
             self._plan_clock = (start, count)
+            return 0.0
+        if totals is not None:
+            jax.block_until_ready(totals)
+        step_seconds = (time.perf_counter() - start) / count
+        tic = time.perf_counter()
+        self.plan(step_seconds, self._time_evaluation(states, orders))
+        self.plan = None
+        spent = time.perf_counter() - tic
+        result["eval_seconds"] += spent
+        return spent
 
-    def _time_evaluation(self, states, orders, result) -> float:
+    def _time_evaluation(self, states, orders) -> float:
         """The projected seconds of one evaluation of this wave: a recalibration (with
         --recalibrate-bn) and one chunk of the evaluation, timed on `states` (orders [M, S*B]:
         an epoch's), the chunk's time counted once per chunk of both splits. Both are compiled
-        first, as the first evaluation would (and then reuses); the time is evaluation's."""
-        tic, ensemble, size = time.perf_counter(), self.ensemble, self.eval_batch_size
+        first, as the first evaluation would (and then reuses)."""
+        ensemble, size = self.ensemble, self.eval_batch_size
         timed = []
         if self.config.recalibrate_bn and jax.tree.leaves(states.batch_stats):
             timed.append((ensemble.recalibrate, (states, orders, self.x_train, self.y_train), 1))
@@ -277,7 +282,6 @@ class Trainer:
             start = time.perf_counter()
             jax.block_until_ready(compiled(*args))
             seconds += times * (time.perf_counter() - start)
-        result["eval_seconds"] += time.perf_counter() - tic
         return seconds
 
     def _check_finite(self, epoch: int, indices, result, work: WorkDir | None) -> None:

@@ -91,7 +91,7 @@ def pilot_models(config: Config, base: str) -> PilotModels:
     fewest = min(config.num_models, max(MIN_PILOT_MODELS, jax.device_count()))
     begun = begun_models(base)
     if begun is not None:
-        return PilotModels(begun, f"{begun} models", device is not None)
+        return PilotModels(begun, f"{begun} models, as the lengths it began", device is not None)
     if device is None:
         return PilotModels(fewest, f"{fewest} models: a CPU trains a model in about the same "
                            "time in any wave", False)
