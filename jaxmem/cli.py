@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(with --grow: discard an interrupted grow's work, keeping --out)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its checkpoints (<out>.partial; "
-                             "<out>.grow.partial with --grow), with any wave size")
+                             "<out>.grow.partial with --grow, <out>.pilot after a pilot), with any "
+                             "wave size")
     parser.add_argument("--grow", action="store_true",
                         help="add models to the finished run at --out (same settings, fewer "
                              "models) up to --num-models, or until --until-se is met")
