@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(with --grow: discard an interrupted grow's work, keeping --out)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its checkpoints (<out>.partial; "
-                             "<out>.grow.partial with --grow), with any wave size")
+                             "<out>.grow.partial with --grow, <out>.pilot after a pilot), with any "
+                             "wave size")
     parser.add_argument("--grow", action="store_true",
                         help="add models to the finished run at --out (same settings, fewer "
                              "models) up to --num-models, or until --until-se is met")
@@ -93,15 +94,22 @@ def summary(out: str, metrics: dict) -> str:
         *([f"diverged and excluded: models {metrics['diverged_models']}"]
           if metrics["diverged_models"] else []),
         accuracy_line(metrics),
-        f"time: {metrics['wall_time_s']:.1f} s on {metrics['num_devices']} device(s), "
-        f"{metrics['train_model_examples_per_s']:.0f} model-examples/s training, "
-        f"{metrics['eval_model_examples_per_s']:.0f} evaluating, "
-        f"{metrics['seconds_per_model']:.2f} s/model, {metrics['models_per_hour']:.0f} "
-        f"models/hour" + (f", peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB"
-                          if metrics.get("peak_memory_bytes") else ""),
+        time_line(metrics),
         f"run directory: {out}  (load with jaxmem.load_run({out!r}))",
         table_line(out),
     ])
+
+
+def time_line(metrics: dict) -> str:
+    share = (f" ({100 * metrics['eval_share']:.0f}% of the time training and evaluating)"
+             if "eval_share" in metrics else "")  # runs written before it was recorded
+    peak = (f", peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB"
+            if metrics.get("peak_memory_bytes") else "")
+    return (f"time: {metrics['wall_time_s']:.1f} s on {metrics['num_devices']} device(s), "
+            f"{metrics['train_model_examples_per_s']:.0f} model-examples/s training, "
+            f"{metrics['eval_model_examples_per_s']:.0f} evaluating{share}, "
+            f"{metrics['seconds_per_model']:.2f} s/model, {metrics['models_per_hour']:.0f} "
+            f"models/hour{peak}")
 
 
 def accuracy_line(metrics: dict) -> str:
@@ -198,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {disk_full_line(full, args.overwrite)}", file=sys.stderr)
             return EXIT_PREEMPTED if full.kept else 2
         except KeyboardInterrupt:
-            pilot = f"{os.path.abspath(out)}.pilot"  # the pilot's lengths, when one ran
-            kept = [pilot] * os.path.exists(pilot) + [work_dir_for(out, args.grow)]
+            pilot = f"{os.path.abspath(out)}.pilot"  # the pilot's work, when one ran
+            kept = pilot if os.path.exists(pilot) else work_dir_for(out, args.grow)
             print("interrupted; no run directory was written; its checkpoints are kept in "
-                  f"{' and '.join(kept)}: rerun with --resume", file=sys.stderr)
+                  f"{kept}: rerun with --resume", file=sys.stderr)
             return 130
         return 0
     except UserError as err:

@@ -5,6 +5,8 @@ unrolled), and 4 (simulated) devices with padded waves all give the same masks, 
 correctness.
 """
 
+import collections
+import math
 import os
 import subprocess
 import sys
@@ -123,6 +125,42 @@ def test_forward_passes_on_their_own_lowering_equal_the_training_lowering():
     texts = [e.evaluate.lower(states, x, y, ids).as_text() for e in (same, own)]
     assert "convolution" not in texts[0] and "while" not in texts[0]
     assert "convolution" in texts[1] and "while" in texts[1]
+
+
+def test_only_the_last_evaluation_computes_classes_and_probabilities():
+    """Every evaluation records correctness and margins; only the last one's training split
+    also the classes and probabilities of the held-out predictions, from its own program
+    (`evaluate`). The other program (`evaluate_margins`) gives the same correctness and margins,
+    bit for bit."""
+    from jaxmem import keys
+    from jaxmem.train.loop import Trainer
+    from jaxmem.train.orders import model_orders
+    from jaxmem.train.preemption import StopSignals
+    from jaxmem.train.progress import Progress
+
+    config = Config(**CONFIG)  # 2 epochs, both evaluated
+    trainer = Trainer(config, DATASET)
+    ensemble, calls = trainer.ensemble, collections.Counter()
+    programs = {name: getattr(ensemble, name) for name in ("evaluate", "evaluate_margins")}
+    for name, program in programs.items():
+        setattr(ensemble, name, lambda *args, name=name, program=program: (
+            calls.update([name]), program(*args))[1])
+    masks = run_masks(config, DATASET.num_train)
+    with StopSignals(active=False) as stop:
+        trainer.train_wave(np.arange(3), masks, Progress(False), stop)
+    train_chunks, test_chunks = (math.ceil(n / trainer.eval_batch_size)
+                                 for n in (DATASET.num_train, DATASET.num_test))
+    assert calls == {"evaluate": train_chunks,
+                     "evaluate_margins": train_chunks + 2 * test_chunks}
+    states = ensemble.init(jax.random.key_data(keys.model_keys(3, keys.INIT, np.arange(3))))
+    states = ensemble.recalibrate(states, model_orders(3, np.arange(3), masks, 0, 2, 64),
+                                  trainer.x_train, trainer.y_train)
+    ids = jnp.arange(trainer.eval_batch_size, dtype=jnp.int32)
+    correct, _, probs, units = programs["evaluate"](states, trainer.x_train, trainer.y_train, ids)
+    lean = programs["evaluate_margins"](states, trainer.x_train, trainer.y_train, ids)
+    assert len(lean) == 2 and probs.shape == (*correct.shape, DATASET.num_classes)
+    np.testing.assert_array_equal(lean[0], correct)
+    np.testing.assert_array_equal(lean[1], units)
 
 
 def test_waves_pad_to_the_device_count_and_keep_their_planned_size():

@@ -113,9 +113,40 @@ def test_explicit_limit_and_processes_sharing_the_host(tmp_path):
     assert host_budget("64G", root, {}) == Budget(20 * GIB, "MemAvailable")
     shared = host_budget("6G", root, {"SLURM_NTASKS_PER_NODE": "4(x2)"})
     assert shared == Budget(6 * GIB // 4, "--host-memory shared by 4 processes on the host")
-    both = {"LOCAL_WORLD_SIZE": "2", "SLURM_NTASKS_PER_NODE": "8"}
-    assert host_memory.processes_per_host(both) == 2
     assert host_memory.processes_per_host({}) == 1
+
+
+@pytest.mark.parametrize("environ,expected", [
+    # torchrun-style launchers say it themselves, whatever SLURM says
+    ({"LOCAL_WORLD_SIZE": "2", "SLURM_NTASKS_PER_NODE": "8"}, 2),
+    # sbatch --nodes=2 --ntasks-per-node=4, then srun: every task of node 1
+    ({"SLURM_NTASKS_PER_NODE": "4", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NTASKS": "8",
+      "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_LOCALID": "3"}, 4),
+    # sbatch --ntasks=4 on one node: no SLURM_NTASKS_PER_NODE
+    ({"SLURM_TASKS_PER_NODE": "4", "SLURM_NTASKS": "4", "SLURM_NNODES": "1",
+      "SLURM_NODEID": "0", "SLURM_LOCALID": "2"}, 4),
+    # --ntasks=3 over 2 nodes: 2 tasks on node 0, 1 on node 1
+    ({"SLURM_TASKS_PER_NODE": "2,1", "SLURM_NTASKS": "3", "SLURM_NNODES": "2",
+      "SLURM_NODEID": "0", "SLURM_LOCALID": "1"}, 2),
+    ({"SLURM_TASKS_PER_NODE": "2,1", "SLURM_NTASKS": "3", "SLURM_NNODES": "2",
+      "SLURM_NODEID": "1", "SLURM_LOCALID": "0"}, 1),
+    # the compressed form with a repeat count and a tail: nodes 0-2 run 2 tasks, node 3 one
+    ({"SLURM_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "2"}, 2),
+    ({"SLURM_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "3"}, 1),
+    # a step of one task per node inside an allocation of 4 per node: the step's layout
+    ({"SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_TASKS_PER_NODE": "4(x2)",
+      "SLURM_NTASKS_PER_NODE": "4", "SLURM_NODEID": "1", "SLURM_LOCALID": "0"}, 1),
+    # only the totals: 6 tasks on 4 nodes, at most 2 on any node
+    ({"SLURM_NTASKS": "6", "SLURM_JOB_NUM_NODES": "4"}, 2),
+    ({"SLURM_NTASKS": "6", "SLURM_NNODES": "3"}, 2),
+    # this task's index on the node bounds the count from below
+    ({"SLURM_NTASKS_PER_NODE": "2", "SLURM_LOCALID": "3"}, 4),
+    ({"SLURM_LOCALID": "1"}, 2),
+    # nothing usable: one process
+    ({"SLURM_TASKS_PER_NODE": "(null)", "SLURM_NODEID": "0"}, 1),
+])
+def test_processes_on_the_host_in_every_launch_mode(environ, expected):
+    assert host_memory.processes_per_host(environ) == expected
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -5,16 +5,19 @@ and an interrupted pilot resumes without redoing a finished length."""
 import dataclasses
 import json
 import os
+import re
 
+import jax
 import numpy as np
 import pytest
 
 from jaxmem import load_run, recipes
 from jaxmem.cli import summary
 from jaxmem.config import Config
+from jaxmem.data import load
 from jaxmem.data.synthetic import make
 from jaxmem.errors import UserError
-from jaxmem.train import pilot
+from jaxmem.train import loop, pilot, waves
 from jaxmem.train.runner import run, train_and_evaluate
 
 RECIPE = {"epochs": "recipe"}  # what resolve records when the recipe chose the epochs
@@ -84,6 +87,62 @@ def test_the_pilot_lengthens_until_the_models_fit_and_its_models_are_the_runs(
     for split in ("train", "test"):
         np.testing.assert_array_equal(piloted.correct_by_epoch(split),
                                       plain.correct_by_epoch(split))
+    np.testing.assert_array_equal(piloted.memorization_by_epoch, plain.memorization_by_epoch)
+
+
+def test_on_an_accelerator_the_pilot_is_one_planned_wave_and_every_kill_point_resumes(
+        npz, tmp_path, monkeypatch, capsys):
+    """On a GPU whose free memory holds 3 models (faked), the pilot trains one planned wave,
+    models 0..2, and the run its model 3 as a part of its own in the pilot's work directory.
+    Killed before the merge, and again after it (before that directory is removed), it
+    resumes each time, to the run that given its length trains without a pilot, bit for bit."""
+    monkeypatch.setattr(pilot, "CAP_EPOCHS", 16)
+    monkeypatch.setattr(pilot, "accelerator", lambda: "gpu")
+    config = config_for(npz, models_per_wave=0)
+    per_model = waves.compiled_bytes(loop.Trainer(config, load(npz)), 1)
+    free = int(3.5 * per_model / waves.MEMORY_FRACTION)
+    monkeypatch.setattr(type(jax.devices()[0]), "memory_stats", lambda self: {
+        "bytes_limit": free + 2**20, "bytes_in_use": 2**20, "peak_bytes_in_use": 2**20})
+    out, merge = str(tmp_path / "run"), pilot.merge_runs
+
+    def killed_before(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def killed_after(*args, **kwargs):
+        merge(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pilot, "merge_runs", killed_before)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, out, progress=False, sources=RECIPE)
+    assert re.search(r": training \d+ epochs \(one planned wave of 3 models: a wave of 2 would "
+                     r"leave the gpu mostly idle; \d+ s, about \d+% of the run\)",
+                     capsys.readouterr().out)
+    assert not os.path.exists(out)  # the rest is a part of the pilot's work, not --out
+    assert load_run(out + ".pilot/rest").model_indices.tolist() == [3]
+    monkeypatch.setattr(pilot, "merge_runs", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, out, resume=True, progress=False, sources=RECIPE)
+    assert os.path.exists(out) and os.path.exists(out + ".pilot")
+    with pytest.raises(UserError, match="pilot was found .* pass --resume"):
+        run(config, out, progress=False, sources=RECIPE)
+    with pytest.raises(UserError, match="holds 4 models, not 5; add models with --grow"):
+        run(config_for(npz, models_per_wave=0, num_models=5), out, resume=True, progress=False,
+            sources=RECIPE)
+    monkeypatch.setattr(pilot, "merge_runs", merge)
+    piloted = load_run(run(config, out, resume=True, progress=False, sources=RECIPE))
+    assert not os.path.exists(out + ".pilot")
+    record = piloted.metrics["pilot"]
+    assert record["models"] == 3 and record["fits"]
+    plain = load_run(run(config_for(npz, epochs=piloted.config["epochs"],
+                                    eval_every=piloted.config["eval_every"],
+                                     pilot=False, models_per_wave=3),
+                         str(tmp_path / "plain"), progress=False))
+    np.testing.assert_array_equal(piloted.model_indices, np.arange(4))
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(piloted.correct_by_epoch(split),
+                                      plain.correct_by_epoch(split))
+    np.testing.assert_array_equal(piloted.margin_units, plain.margin_units)
     np.testing.assert_array_equal(piloted.memorization_by_epoch, plain.memorization_by_epoch)
 
 
@@ -162,17 +221,29 @@ def test_given_epochs_or_no_pilot_skip_it_and_a_grown_run_keeps_its_length(tmp_p
     assert pilot.grown_length(config, given, str(grown)) == config
 
 
-def test_the_pilot_record_reports_what_it_found_and_its_projected_share():
+def test_the_pilot_record_projects_its_share_from_measured_times():
     config = Config(dataset="digits", epochs=72, num_models=32, fit_threshold=0.999)
-    tried = [{"epochs": 18, "train_acc": 0.986, "seconds": 36.0},
-             {"epochs": 36, "train_acc": 0.995, "seconds": 72.0},
-             {"epochs": 72, "train_acc": 0.9993, "seconds": 144.0}]
-    record = pilot.pilot_record(config, 2, tried)
-    # 1 s per model-epoch: the other 30 models take 30 x 72 = 2,160 s; 252 / 2,412 = 10%
+    tried = [{"epochs": 18, "train_acc": 0.986, "seconds": 36.0, "waves": 1, "work_seconds": 30.0},
+             {"epochs": 36, "train_acc": 0.995, "seconds": 72.0, "waves": 1, "work_seconds": 60.0},
+             {"epochs": 72, "train_acc": 0.9993, "seconds": 144.0, "waves": 2,
+              "work_seconds": 120.0}]
+    cpu = pilot.PilotModels(2, "2 models", by_wave=False)
+    record = pilot.pilot_record(config, cpu, tried)
+    # a CPU: the other 30 models repeat the chosen length's work per model (60 s: its 2 waves
+    # do not matter) and once what it spent besides (24 s): 1,824 s, 252 / (252 + 1,824) = 12%
     assert record["line"] == ("pilot: 0.986 at 18, 0.995 at 36, 0.999 at 72 epochs: training "
-                              "72 epochs (2 models, 252 s, about 10% of the run)")
+                              "72 epochs (2 models; 252 s, about 12% of the run)")
     assert record["unused_seconds"] == 108.0 and record["fits"] and record["warning"] is None
-    short = pilot.pilot_record(dataclasses.replace(config, batch_size=64), 2, tried[:2])
+    # a GPU, the chosen length in one wave: the rest repeats its work per wave (120 s) in
+    # waves of the pilot's 200 models: the 50 others of K = 250 are one whole wave, 24 + 120 s
+    # (64% of the run), 1,800 others 9 waves (19%)
+    tried[-1]["waves"] = 1
+    gpu = pilot.PilotModels(200, "one planned wave of 200 models", by_wave=True)
+    for models, share in ((250, 64), (2000, 19)):
+        line = pilot.pilot_record(dataclasses.replace(config, num_models=models), gpu,
+                                  tried)["line"]
+        assert line.endswith(f"(one planned wave of 200 models; 252 s, about {share}% of the run)")
+    short = pilot.pilot_record(dataclasses.replace(config, batch_size=64), cpu, tried[:2])
     assert short["warning"].endswith("fit 0.995 of their own subsets after 72 epochs, the "
                                      "longest schedule it tries, below the fit target 0.999: "
                                      "memorization may not show; try a larger --arch "

@@ -153,6 +153,9 @@ def test_merged_parts_equal_a_single_run(npz, uninterrupted, tmp_path):
     np.testing.assert_array_equal(merged.extra["margin_sums"],
                                   uninterrupted.extra["margin_sums"])
     assert merged.config["model_range"] is None and merged.metrics["num_models"] == 4
+    timed = [sum(load_run(p).metrics[f"{part}_seconds"] for p in parts)
+             for part in ("compile", "train", "eval", "checkpoint")]
+    assert merged.metrics["eval_share"] == pytest.approx(timed[2] / sum(timed))
     assert merged.config["fdr"] == merged.metrics["fdr"] == 0.05
     assert merged.metrics["wall_time_s"] == 160.0  # the span 100..260, not 100 + 110
     assert merged.metrics["run_intervals_utc"] == [[100.0, 200.0], [150.0, 260.0]]
@@ -280,38 +283,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_on_loopback_equal_a_single_process_after_a_sigterm(
-        npz, uninterrupted, tmp_path):
-    """SIGTERM reaches process 0 at its step 3: through the preemption sync point both
-    processes checkpoint at one agreed step (after the furthest one's next step) and exit 75;
-    resumed, the merged run equals a single process's."""
+def test_two_processes_whose_steps_differ_stop_together_and_resume(
+        npz, uninterrupted, tmp_path, monkeypatch):
+    """Process 1 resumes its part 2 steps before its end while process 0 trains its own from
+    the start (8 steps), and SIGTERM reaches process 0 after its first step. Counted in steps,
+    the stop they would agree on lies past process 1's last step (and a process that finished
+    would leave before the agreement); on their shared clock both stop with exit status 75,
+    each part checkpointed or finished, and resumed, the merged run equals a single
+    process's."""
     out = str(tmp_path / "two")
+    flags = flags_for(npz, models_per_wave=0)
+    # what an earlier job of process 1 left: its part checkpointed after 6 of its 8 steps
+    stop_at(monkeypatch, 6, config_for(npz, models_per_wave=0, model_range="2:4"),
+            runner.part_of(out, 1))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
 
-    def both(*extra, hook="0"):
+    def both(hook="0"):
         port = free_port()
         procs = [subprocess.Popen(
-            [sys.executable, RUN_PY, *flags_for(npz, models_per_wave=0), f"--out={out}",
-             "--no-progress", "--distributed", f"--coordinator-address=127.0.0.1:{port}",
-             "--num-processes=2", f"--process-id={p}", *extra],
-            env=dict(env, **{SIGNAL_AT_STEP: hook if p == 0 else "0"}),
+            [sys.executable, RUN_PY, *flags, f"--out={out}", "--no-progress", "--resume",
+             "--distributed", f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2",
+             f"--process-id={p}"], env=dict(env, **{SIGNAL_AT_STEP: hook if p == 0 else "0"}),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in range(2)]
         outputs = [p.communicate(timeout=600) for p in procs]
         return [p.returncode for p in procs], [o[1] for o in outputs]
 
-    codes, errors = both(hook="3")
+    codes, errors = both(hook="1")
     assert codes == [EXIT_PREEMPTED] * 2, [e[-2000:] for e in errors]
-    stops = [re.fullmatch(rf"stopped: SIGTERM received: models {first}\.\.{first + 1} "
-                          r"checkpointed (at epoch \d, step 1 of 2|after epoch \d) in "
-                          rf"{out}\.parts/part-00{p}\.partial; rerun .*",
-                          errors[p].strip().splitlines()[-1])
-             for p, first in enumerate((0, 2))]
-    assert all(stops) and stops[0][1] == stops[1][1], errors  # one agreed step
-    codes, errors = both("--resume")
+    for p, first in enumerate((0, 2)):
+        part = re.escape(runner.part_of(out, p))
+        assert re.fullmatch(
+            rf"stopped: SIGTERM received: models {first}\.\.{first + 1} (checkpointed (at "
+            rf"epoch \d, step 1 of 2|after epoch \d) in {part}\.partial|are finished in "
+            rf"{part}, the other processes checkpointed theirs); rerun .*",
+            errors[p].strip().splitlines()[-1]), errors[p][-2000:]
+    assert "checkpointed" in errors[0].strip().splitlines()[-1]  # it had 7 steps to go
+    codes, errors = both()
     assert codes == [0, 0], [e[-2000:] for e in errors]
-    merged = load_run(out)
-    assert merged.metrics["num_models"] == 4
-    assert_same_run(merged, uninterrupted, exact=False)
+    assert_same_run(load_run(out), uninterrupted)
 
 
 # Interrupted runs below: 6 models in waves of 3, 2 epochs of 2 steps, evaluated after each.
@@ -389,8 +398,11 @@ def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_in_any_layout(npz, s
         f"stopped: SIGTERM received: models 3..5 checkpointed at epoch 1, step 1 of {STEPS} in "
         f"{work_dir_of(out)}; rerun the same command with --resume to continue (exit status "
         "75)")
-    # the plan has a line of its own, before the progress bar draws anything
+    # the plan has a line of its own, before the progress bar draws anything, with the
+    # training and evaluation time it projects
     plan = output.index("plan: 6 models in 2 wave(s)")
+    assert re.match(r"plan: [^\n]* -> about \d+ s of training and \d+ s of evaluation "
+                    r"\(\d+% of them\)\n", output[plan:])
     assert plan == 0 or output[plan - 1] == "\n"
     assert "%|" not in output[:plan] and "%|" in output[plan:]
     assert contents(work_dir_of(out)) == (["models-0-3.npz"], {"checkpoint-models-3-6": 1})

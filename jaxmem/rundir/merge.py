@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -157,13 +158,18 @@ def check_masks(parts: list, config: Config) -> None:
                             "seed and model indices give")
 
 
-def wait_for_parts(part_dirs: list[str], timeout: float = PART_WAIT_SECONDS) -> None:
-    """Block until every part directory is complete (its metrics.json exists)."""
+def wait_for_parts(part_dirs: list[str], timeout: float = PART_WAIT_SECONDS,
+                   stopped: Callable[[], bool] = lambda: False) -> bool:
+    """Block until every part directory is complete (its metrics.json exists): True; or
+    until `stopped()` (asked every second) says to stop waiting: False."""
     deadline = time.monotonic() + timeout
     while not all(os.path.exists(os.path.join(p, "metrics.json")) for p in part_dirs):
+        if stopped():
+            return False
         if time.monotonic() > deadline:
             raise UserError(f"timed out waiting for parts {part_dirs}")
         time.sleep(1.0)
+    return True
 
 
 def _ranges(values: list[int]) -> str:

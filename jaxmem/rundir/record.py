@@ -284,6 +284,7 @@ def summary_metrics(result: EnsembleResult, scores: dict, settings: dict, wall: 
         "diverged_models": [int(k) for k in result.model_indices[result.diverged]],
         "wall_time_s": wall,
         **{f"{part}_seconds": value for part, value in result.seconds.items()},
+        "eval_share": result.seconds["eval"] / max(sum(result.seconds.values()), 1e-9),
         "train_model_examples_per_s": examples_trained / max(result.seconds["train"], 1e-9),
         "eval_model_examples_per_s": examples_evaluated / max(result.seconds["eval"], 1e-9),
         "seconds_per_model": wall / num_models,

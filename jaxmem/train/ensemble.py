@@ -113,6 +113,8 @@ class Ensemble:
             donate_argnums=(0,))
         self.evaluate = jax.jit(
             self._sharded(self._evaluate, (P(AXIS), P(), P(), P()), P(AXIS)))
+        self.evaluate_margins = jax.jit(
+            self._sharded(self._evaluate_margins, (P(AXIS), P(), P(), P()), P(AXIS)))
         self.recalibrate = jax.jit(
             self._sharded(self._recalibrate, (P(AXIS), P(AXIS), P(), P()), P(AXIS)))
 
@@ -170,32 +172,39 @@ class Ensemble:
 
         return map_models(one, self.eval_strategy, (0, 0))(states, orders)
 
-    def _evaluate(self, states, images, labels, ids):
+    def _evaluate(self, states, images, labels, ids, eval_fn=step_lib.eval_predictions):
         """Every model on images[ids] (ids clipped to the dataset): [M, B] bool correctness,
         [M, B] int32 predicted class, [M, B, C] float32 softmax probabilities, [M, B] int16
-        true-class margins (jaxmem/margins.py)."""
+        true-class margins (jaxmem/margins.py); eval_fn=step_lib.eval_margins: only the first
+        and the last of them."""
         ids = jnp.minimum(ids, labels.shape[0] - 1)
         batch_images, batch_labels = images[ids], labels[ids]
 
         def one(state):
-            return step_lib.eval_predictions(self.eval_spec, state, batch_images, batch_labels)
+            return eval_fn(self.eval_spec, state, batch_images, batch_labels)
 
         return map_models(one, self.eval_strategy, (0,))(states)
+
+    def _evaluate_margins(self, states, images, labels, ids):
+        return self._evaluate(states, images, labels, ids, step_lib.eval_margins)
 
     def predict_on(self, states, images, labels, eval_batch_size: int,
                    predictions=None) -> tuple[np.ndarray, np.ndarray]:
         """([M, N] bool correctness, [M, N] int16 true-class margins) on a whole on-device
         split, in fixed-size chunks (one trace). predictions: called per chunk as
         predictions(start, predicted [M, b], probs [M, b, C]) for its b examples
-        start..start+b (only then are the probabilities copied to the host)."""
+        start..start+b; only then are classes and probabilities computed (`evaluate`, else
+        `evaluate_margins`) and copied to the host."""
         num = labels.shape[0]
         chunks = []
         for start in range(0, num, eval_batch_size):
             ids = jnp.arange(start, start + eval_batch_size, dtype=jnp.int32)
+            if predictions is None:
+                chunks.append(self.evaluate_margins(states, images, labels, ids))
+                continue
             correct, predicted, probs, units = self.evaluate(states, images, labels, ids)
             chunks.append((correct, units))
-            if predictions is not None:
-                real = min(eval_batch_size, num - start)
-                predictions(start, np.asarray(predicted)[:, :real], np.asarray(probs)[:, :real])
+            real = min(eval_batch_size, num - start)
+            predictions(start, np.asarray(predicted)[:, :real], np.asarray(probs)[:, :real])
         return tuple(np.concatenate([np.asarray(c[j]) for c in chunks], axis=1)[:, :num]
                      for j in range(2))

@@ -11,6 +11,7 @@ enforces, so a plan from MemAvailable alone gets the run OOM-killed. Every file 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
@@ -18,9 +19,6 @@ from jaxmem.errors import UserError
 
 # A cgroup limit at or above this is "no limit" (cgroup v1 writes 2^63 rounded down to a page).
 UNLIMITED = 2**60
-# Environment variables that say how many processes of one job share a host, first found wins:
-# torchrun-style launchers, then SLURM's tasks per node (e.g. "4" or "4(x2)").
-PROCESSES_PER_HOST_VARIABLES = ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
 # (file name of the limit, of the usage, the memory.stat line of reclaimable page cache)
 CGROUP_FILES = {"v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
                 "v2": ("memory.max", "memory.current", "inactive_file")}
@@ -59,12 +57,41 @@ def host_budget(explicit: str | None = None, root: str = "/",
 
 
 def processes_per_host(environ) -> int:
-    """Processes of this job on this host (PROCESSES_PER_HOST_VARIABLES; 1 where none is set)."""
-    for name in PROCESSES_PER_HOST_VARIABLES:
-        match = re.match(r"\s*(\d+)", environ.get(name, ""))
-        if match and int(match.group(1)) > 0:
-            return int(match.group(1))
-    return 1
+    """Processes of this job on this host (1 where nothing says): LOCAL_WORLD_SIZE (torchrun-style
+    launchers), else SLURM's tasks on this node: this node's entry (by SLURM_NODEID) of the step's
+    or the job's tasks per node (SLURM_STEP_TASKS_PER_NODE, SLURM_TASKS_PER_NODE: "2(x3),1" is 2
+    tasks on each of nodes 0-2 and 1 on node 3), else --ntasks-per-node (SLURM_NTASKS_PER_NODE),
+    else SLURM_NTASKS over SLURM_NNODES (or SLURM_JOB_NUM_NODES) rounded up; never fewer than
+    SLURM_LOCALID + 1 (this task's index on the node)."""
+    if count := _leading_int(environ.get("LOCAL_WORLD_SIZE")):
+        return count
+    node = _leading_int(environ.get("SLURM_NODEID"), minimum=0) or 0
+    nodes = _leading_int(environ.get("SLURM_NNODES") or environ.get("SLURM_JOB_NUM_NODES"))
+    tasks = _leading_int(environ.get("SLURM_NTASKS"))
+    count = (_node_entry(environ.get("SLURM_STEP_TASKS_PER_NODE"), node)
+             or _node_entry(environ.get("SLURM_TASKS_PER_NODE"), node)
+             or _leading_int(environ.get("SLURM_NTASKS_PER_NODE"))
+             or (math.ceil(tasks / nodes) if tasks and nodes else None) or 1)
+    return max(count, 1 + (_leading_int(environ.get("SLURM_LOCALID"), minimum=0) or 0))
+
+
+def _leading_int(text: str | None, minimum: int = 1) -> int | None:
+    """The number a variable starts with ("4" and "4(x2)" give 4), if at least `minimum`."""
+    match = re.match(r"\s*(\d+)", text or "")
+    return int(match.group(1)) if match and int(match.group(1)) >= minimum else None
+
+
+def _node_entry(tasks_per_node: str | None, node: int) -> int | None:
+    """Node `node`'s count in SLURM's compressed tasks-per-node list ("2(x3),1"), if it has one."""
+    for entry in (tasks_per_node or "").split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", entry)
+        if not match:
+            return None
+        repeat = int(match.group(2) or 1)
+        if node < repeat:
+            return int(match.group(1)) or None
+        node -= repeat
+    return None
 
 
 def available_memory(root: str = "/") -> Budget:

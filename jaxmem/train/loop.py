@@ -79,7 +79,9 @@ class Trainer:
         self.x_train, self.y_train = put(dataset.x_train), put(dataset.y_train)
         self.x_test, self.y_test = put(dataset.x_test), put(dataset.y_test)
         self.eval_epochs = config.eval_epochs()
-        self.plan = None  # called once with the seconds per step measured after compiling
+        # called once with the seconds per step measured after compiling and the seconds
+        # of one evaluation projected from a timed part of it (`_time_evaluation`)
+        self.plan = None
         self._plan_clock = None  # (start, steps timed) while timing steps for the plan
 
     def empty_wave(self, count: int) -> dict[str, np.ndarray]:
@@ -147,7 +149,7 @@ class Trainer:
             totals = ensemble.zero_totals(len(rows))
             if epoch == config.epochs:
                 break
-            if work and (stop.stopping or
+            if work and (stop.poll() or
                          time.perf_counter() - saved >= config.checkpoint_seconds):
                 saved = self._checkpoint(work, models, epoch * self.steps, states, totals,
                                          result)
@@ -216,7 +218,7 @@ class Trainer:
                 jax.block_until_ready(totals)
                 warm = time.perf_counter()
                 result["compile_seconds"] += warm - tic
-            self._time_plan(totals)
+            warm += self._time_plan(totals, states, orders, result)  # not training's time
             # Wait on the totals of two steps back: the bar shows real progress without a
             # sync every step.
             in_flight.append(totals)
@@ -228,32 +230,59 @@ class Trainer:
                 return states, totals, step + 1
         real = result["train_loss"].shape[1]
         finished = jax.tree.map(lambda t: np.asarray(t)[:real], totals)
-        self._time_plan(None)
+        warm += self._time_plan(None, states, orders, result)
         result["train_seconds"] += time.perf_counter() - warm
         examples = np.maximum(finished.examples, 1.0)
         result["train_loss"][epoch] = finished.loss_sum / examples
         result["train_batch_acc"][epoch] = finished.correct / examples
         return states, totals, self.steps
 
-    def _time_plan(self, totals) -> None:
+    def _time_plan(self, totals, states, orders, result) -> float:
         """Time PLAN_WARMUP_STEPS steps after a first (compiling) one for the plan line;
-        totals None: the epoch ended, use the steps timed so far."""
+        totals None: the epoch ended, use the steps timed so far. Then time part of an
+        evaluation of `states` (orders: this epoch's, `_time_evaluation`); returns the seconds
+        that took (0 before)."""
         if self.plan is None:
-            return
+            return 0.0
         if self._plan_clock is None:
             if totals is not None:
                 jax.block_until_ready(totals)
                 self._plan_clock = (time.perf_counter(), 0)
-            return
+            return 0.0
         start, count = self._plan_clock
         count += totals is not None
-        if count and (count == PLAN_WARMUP_STEPS or totals is None):
-            if totals is not None:
-                jax.block_until_ready(totals)
-            self.plan((time.perf_counter() - start) / count)
-            self.plan = None
-        else:
+        if not (count and (count == PLAN_WARMUP_STEPS or totals is None)):
             self._plan_clock = (start, count)
+            return 0.0
+        if totals is not None:
+            jax.block_until_ready(totals)
+        step_seconds = (time.perf_counter() - start) / count
+        tic = time.perf_counter()
+        self.plan(step_seconds, self._time_evaluation(states, orders))
+        self.plan = None
+        spent = time.perf_counter() - tic
+        result["eval_seconds"] += spent
+        return spent
+
+    def _time_evaluation(self, states, orders) -> float:
+        """The projected seconds of one evaluation of this wave: a recalibration (with
+        --recalibrate-bn) and one chunk of the evaluation, timed on `states` (orders [M, S*B]:
+        an epoch's), the chunk's time counted once per chunk of both splits. Both are compiled
+        first, as the first evaluation would (and then reuses)."""
+        ensemble, size = self.ensemble, self.eval_batch_size
+        timed = []
+        if self.config.recalibrate_bn and jax.tree.leaves(states.batch_stats):
+            timed.append((ensemble.recalibrate, (states, orders, self.x_train, self.y_train), 1))
+        chunks = math.ceil(self.dataset.num_train / size) + math.ceil(self.dataset.num_test / size)
+        timed.append((ensemble.evaluate_margins, (states, self.x_train, self.y_train,
+                                                  jnp.arange(size, dtype=jnp.int32)), chunks))
+        seconds = 0.0
+        for function, args, times in timed:
+            compiled = function.lower(*args).compile()
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            seconds += times * (time.perf_counter() - start)
+        return seconds
 
     def _check_finite(self, epoch: int, indices, result, work: WorkDir | None) -> None:
         bad = ~np.isfinite(result["train_loss"][epoch])
@@ -265,11 +294,12 @@ class Trainer:
                 "exclude them from the scores")
 
     def _evaluate(self, states, orders, position: int, result, masks) -> None:
-        """Correctness of every model on every training and test example (eval mode), with
-        --recalibrate-bn after recomputing each model's BatchNorm statistics on its own subset
-        (the examples of its epoch order, orders [M, S*B]). At the last evaluated epoch (the
-        last epoch, so divergence is known) also the wave's held-out prediction sums over its
-        included models (masks [m, N]): `heldout_prob_sum`, `heldout_votes` [N, C]."""
+        """Correctness and margins of every model on every training and test example (eval
+        mode), with --recalibrate-bn after recomputing each model's BatchNorm statistics on its
+        own subset (the examples of its epoch order, orders [M, S*B]). At the last evaluated
+        epoch (the last epoch, so divergence is known) also the wave's held-out prediction sums
+        over its included models (masks [m, N]): `heldout_prob_sum`, `heldout_votes` [N, C];
+        only then are classes and probabilities computed (the per-epoch curves need neither)."""
         tic = time.perf_counter()
         if self.config.recalibrate_bn and jax.tree.leaves(states.batch_stats):
             states = self.ensemble.recalibrate(states, orders, self.x_train, self.y_train)
@@ -411,17 +441,24 @@ def write_plan(bar: Progress, *plan) -> None:
 
 
 def plan_line(config: Config, trainer: Trainer, models: int, per_wave: int,
-              seconds_per_step: float) -> str:
-    """The run's plan and its projected training time from a measured step."""
+              seconds_per_step: float, seconds_per_evaluation: float) -> str:
+    """The run's plan and its projected training and evaluation time from a measured step and
+    a timed part of an evaluation."""
     waves = math.ceil(models / per_wave)
     seconds = waves * config.epochs * trainer.steps * seconds_per_step
-    projected = (f"{seconds / 3600:.1f} h" if seconds >= 3600 else
-                 f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s")
+    evaluating = waves * len(trainer.eval_epochs) * seconds_per_evaluation
+    share = 100 * evaluating / max(seconds + evaluating, 1e-9)
     return (f"plan: {models} models in {waves} wave(s) of up to {per_wave} on "
             f"{trainer.mesh.size} device(s); {config.epochs} epochs x {trainer.steps} steps "
             f"of {config.batch_size} per model, evaluated at {len(trainer.eval_epochs)} "
-            f"epochs; {seconds_per_step:.3f} s per step after compiling -> about {projected} "
-            "of training")
+            f"epochs; {seconds_per_step:.3f} s per step after compiling -> about "
+            f"{duration(seconds)} of training and {duration(evaluating)} of evaluation "
+            f"({share:.0f}% of them)")
+
+
+def duration(seconds: float) -> str:
+    return (f"{seconds / 3600:.1f} h" if seconds >= 3600 else
+            f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s")
 
 
 def below_target_se(waves: list[dict], config: Config, canary_index=()) -> bool:

@@ -14,37 +14,50 @@ chosen length (no pilot), bit for bit.
 Each length is trained in full: the triangular schedule depends on the length (its peak comes
 at 25% of training and it decays to zero at the end), so a model after 18 epochs of a 36-epoch
 schedule is not the 18-epoch model, and nothing shorter tells whether the longer schedule fits.
-With doubling, the pilot costs P models at every tried length; the last one is reused. P is
-max(2, devices) (at most K): two models give a mean over two subsets, and on several devices
-one model per device costs no more time than one. On a CPU an epoch costs about as much per
-model in a wave of 2 as in a wave of 30 (a wave of 30 was up to a third slower per model:
-BENCHMARKS.md), so at K = 32, P = 2 and 18 -> 36 -> 72 epochs the pilot trains
+With doubling, the pilot costs P models at every tried length; the last one is reused.
+
+P: on a CPU max(2, devices) (at most K): two models give a mean over two subsets, one model
+keeps the cores busy, so a wave's time grows with its models (a wave of 30 was up to a third
+slower per model than a wave of 2: BENCHMARKS.md), and on several devices one model per device
+costs no more time than one. At K = 32, P = 2 and 18 -> 36 -> 72 epochs the pilot trains
 2 x (18 + 36 + 72) = 252 model-epochs besides the other 30 x 72 = 2,160 (about 10% of the
-run's time; 2 x (18 + 36) = 108 model-epochs, 4.7% on top of 32 x 72, are not reused). On a
-GPU a wave of P models runs far below the device's throughput, so there the share is larger.
+run's time). On a GPU or TPU a wave of 2 models leaves the device mostly idle and takes about
+as long as a full one, so there P is one wave as the run's memory plan sizes it
+(`--models-per-wave`, else train/waves.py): the pilot's last length is then the run's first
+wave at no extra cost. The share the plan line states is projected from the chosen length's
+measured times: its work per wave (training, evaluation, checkpoints) repeated for the rest's
+waves on a GPU or TPU, or for its models on a CPU, plus what the length spent once (loading,
+compiling, writing).
 
 The work lives in `<out>.pilot/`: one finished part run directory per tried length
-(`epochs-018`, ...) and the checkpoints of the length in progress (`epochs-036.partial`), so a
-killed run resumed with `--resume` redoes neither a finished length nor the finished epochs of
-the one in progress. It is removed once the run directory is written.
+(`epochs-018`, ...) with the checkpoints of the length in progress (`epochs-036.partial`), and
+the rest of the run, models P..K-1, as a part of its own (`rest`, checkpoints in
+`rest.partial`), so that a run killed at any point resumes with `--resume`: neither a finished
+length nor the finished epochs of the one in progress are trained again, a finished rest is
+merged, and a run killed once its directory was written only removes `<out>.pilot/`, which the
+merge leaves until `--out` is complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 from tqdm.auto import tqdm
 
-from jaxmem import recipes
+from jaxmem import canaries, data, recipes
 from jaxmem.config import Config
 from jaxmem.errors import UserError
 from jaxmem.models import ARCHS
-from jaxmem.rundir import load_run, merge_runs
+from jaxmem.rundir import check_output_dir, load_run, merge_runs
+from jaxmem.rundir.fingerprint import check_same, settings_hash
+from jaxmem.train import loop, waves
 
 CAP_EPOCHS = 400  # the longest schedule tried (the paper's models: 100 epochs)
 MIN_PILOT_MODELS = 2
@@ -56,15 +69,57 @@ def wanted(config: Config, sources: dict[str, str]) -> bool:
     return config.pilot and sources.get("epochs") == "recipe"
 
 
-def pilot_models(config: Config, base: str) -> int:
-    """P, the models the pilot trains at every length (see the module docstring), or, on
-    resume, the number its finished lengths in `base` hold (the device count may differ)."""
+class PilotModels(NamedTuple):
+    """The models the pilot trains at every length: how many, how the plan line says it, and
+    whether the rest of the run repeats the time of a wave (GPU, TPU) or of a model (CPU)."""
+
+    count: int
+    said: str
+    by_wave: bool
+
+
+def accelerator() -> str | None:
+    """The backend's name on a GPU or TPU; None on a CPU."""
+    backend = jax.default_backend()
+    return None if backend == "cpu" else backend
+
+
+def pilot_models(config: Config, base: str) -> PilotModels:
+    """P (see the module docstring); on resume, as many as the lengths begun in `base` hold
+    (the device count or the free memory may differ now)."""
+    device = accelerator()
+    fewest = min(config.num_models, max(MIN_PILOT_MODELS, jax.device_count()))
+    begun = begun_models(base)
+    if begun is not None:
+        return PilotModels(begun, f"{begun} models, as the lengths it began", device is not None)
+    if device is None:
+        return PilotModels(fewest, f"{fewest} models: a CPU trains a model in about the same "
+                           "time in any wave", False)
+    wave = min(config.num_models, max(fewest, config.models_per_wave or planned_wave(config)))
+    return PilotModels(wave, f"one planned wave of {wave} models: a wave of 2 would leave the "
+                       f"{device} mostly idle", True)
+
+
+def begun_models(base: str) -> int | None:
+    """The models of the pilot's lengths in `base`, finished (config.json) or in progress
+    (the work directory's record.json); None where none was begun."""
     for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
-        path = os.path.join(base, name, "config.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                return int(json.load(f)["model_range"].split(":")[1])
-    return min(config.num_models, max(MIN_PILOT_MODELS, jax.device_count()))
+        if not name.startswith("epochs-"):
+            continue
+        for record, key in (("config.json", None), ("record.json", "settings")):
+            path = os.path.join(base, name, record)
+            if os.path.exists(path):
+                with open(path) as f:
+                    settings = json.load(f)
+                return int((settings[key] if key else settings)["model_range"].split(":")[1])
+    return None
+
+
+def planned_wave(config: Config) -> int:
+    """The models of the run's first wave as its memory plan sizes it (train/waves.py: the
+    compiled step of these settings against the device's free memory)."""
+    dataset, _ = canaries.plant(data.load_for(config), config.canaries, config.seed)
+    return waves.plan_memory(loop.Trainer(config, dataset), config.num_models).wave_size
 
 
 def lengths(first: int) -> list[int]:
@@ -103,35 +158,65 @@ def run_with_pilot(config: Config, sources: dict[str, str], out: str, overwrite:
     elif os.path.isdir(base) and not resume:
         raise UserError(f"an interrupted run's pilot was found in {base}; pass --resume to "
                         "continue it, or --overwrite to start again")
-    count, sources = pilot_models(config, base), chosen_sources(sources)
+    elif os.path.isdir(base) and merged_earlier(config, sources, out):
+        shutil.rmtree(base)  # killed once the run directory was written
+        return out
+    # --resume continues an interrupted run, one started with --overwrite too
+    check_output_dir(out, overwrite or resume and os.path.isdir(base))
+    models, sources = pilot_models(config, base), chosen_sources(sources)
     recorded = {"setting_sources": sources}
     tried = []
     for epochs in lengths(config.epochs):
         part = os.path.join(base, f"epochs-{epochs:03d}")
         if not os.path.exists(os.path.join(part, "metrics.json")):
             part_config = dataclasses.replace(at_length(config, sources, epochs),
-                                              model_range=f"0:{count}", until_se=None)
+                                              model_range=f"0:{models.count}", until_se=None)
             train(part_config, part, resume=resume, progress=progress, recorded=recorded)
         with open(os.path.join(part, "metrics.json")) as f:
-            metrics = json.load(f)
-        tried.append({"epochs": epochs, "train_acc": metrics["train_acc"],
-                      "seconds": metrics["wall_time_s"]})
-        if metrics["train_acc"] is None or metrics["train_acc"] >= config.fit_threshold:
+            tried.append(length_record(epochs, json.load(f)))
+        if tried[-1]["train_acc"] is None or tried[-1]["train_acc"] >= config.fit_threshold:
             break
     chosen = at_length(config, sources, tried[-1]["epochs"])
-    record = pilot_record(chosen, count, tried)
+    record = pilot_record(chosen, models, tried)
     tqdm.write(record["line"])
     if record["warning"]:
         tqdm.write(f"WARNING: {record['warning']}")
     parts = [part]
-    if count < config.num_models:
-        prior = load_run(part, all_models=True) if config.until_se is not None else None
-        parts.append(train(dataclasses.replace(chosen, model_range=f"{count}:{config.num_models}"),
-                           out, overwrite=overwrite, resume=resume, progress=progress,
-                           prior=prior, recorded=recorded))
-    merge_runs(parts, out, overwrite=True, pilot=record)
+    if models.count < config.num_models:
+        parts.append(os.path.join(base, "rest"))
+        if not os.path.exists(os.path.join(parts[-1], "metrics.json")):
+            prior = load_run(part, all_models=True) if config.until_se is not None else None
+            train(dataclasses.replace(chosen, model_range=f"{models.count}:{config.num_models}"),
+                  parts[-1], resume=resume, progress=progress, prior=prior, recorded=recorded)
+    merge_runs(parts, out, overwrite=overwrite, pilot=record)
     shutil.rmtree(base)
     return out
+
+
+def merged_earlier(config: Config, sources: dict[str, str], out: str) -> bool:
+    """On resume: is `out` the run directory this run's pilot merged before it was stopped (its
+    pilot work not yet removed)? Refused when its settings or its number of models differ."""
+    if not os.path.exists(os.path.join(out, "metrics.json")):
+        return False
+    with open(os.path.join(out, "config.json")) as f:
+        written = json.load(f)
+    now = at_length(config, sources, written["epochs"])
+    check_same(written["fingerprints"], {"settings": settings_hash(now.to_dict())},
+               f"refusing to resume: {out} was written with other settings")
+    if written["num_models"] != config.num_models:
+        raise UserError(f"refusing to resume: {out} holds {written['num_models']} models, not "
+                        f"{config.num_models}; add models with --grow")
+    return True
+
+
+def length_record(epochs: int, metrics: dict) -> dict:
+    """What the pilot keeps of one tried length's part: its own-subset accuracy, its seconds,
+    its waves and their work (training, evaluation and checkpoint seconds)."""
+    return {"epochs": epochs, "train_acc": metrics["train_acc"],
+            "seconds": metrics["wall_time_s"],
+            "waves": len(metrics["peak_memory_bytes_per_wave"]),
+            "work_seconds": sum(metrics[f"{part}_seconds"] for part in ("train", "eval",
+                                                                         "checkpoint"))}
 
 
 def grown_length(config: Config, sources: dict[str, str], run_dir: str) -> Config:
@@ -147,23 +232,29 @@ def grown_length(config: Config, sources: dict[str, str], run_dir: str) -> Confi
     return at_length(config, sources, recorded["epochs"])
 
 
-def pilot_record(config: Config, count: int, tried: list[dict]) -> dict:
+def pilot_record(config: Config, models: PilotModels, tried: list[dict]) -> dict:
     """metrics.json's `pilot`: what the pilot tried and found, what it cost, and the line and
-    warning the run prints. config: the run at the chosen length."""
-    last = tried[-1]["train_acc"]
-    fits = last is not None and last >= config.fit_threshold
+    warning the run prints. config: the run at the chosen length. The share of the run is
+    projected from the chosen length's measured times: the rest repeats its work (training,
+    evaluation, checkpoints) per wave for each of its own waves, of the size the pilot's were
+    (GPU, TPU), or per model for each of its models (CPU), and once what the length spent
+    besides (loading, compiling, scoring, writing)."""
+    last = tried[-1]
+    fits = last["train_acc"] is not None and last["train_acc"] >= config.fit_threshold
     found = ", ".join("diverged" if t["train_acc"] is None else
                       f"{t['train_acc']:.3f} at {t['epochs']}" for t in tried) + " epochs"
     seconds = sum(t["seconds"] for t in tried)
-    rate = seconds / (count * sum(t["epochs"] for t in tried))  # per model-epoch
-    rest = rate * (config.num_models - count) * config.epochs
+    remaining, waves_trained = config.num_models - models.count, max(last["waves"], 1)
+    repeated = (math.ceil(remaining * waves_trained / models.count) / waves_trained
+                if models.by_wave else remaining / models.count)  # in the chosen length's work
+    rest = last["seconds"] + (repeated - 1) * last["work_seconds"] if remaining else 0.0
     return {
-        "models": count, "cap_epochs": CAP_EPOCHS, "target": config.fit_threshold,
+        "models": models.count, "cap_epochs": CAP_EPOCHS, "target": config.fit_threshold,
         "tried": tried, "found": found, "chosen_epochs": config.epochs, "fits": fits,
-        "seconds": seconds, "unused_seconds": seconds - tried[-1]["seconds"],
-        "line": (f"pilot: {found}: training {config.epochs} epochs ({count} models, "
+        "seconds": seconds, "unused_seconds": seconds - last["seconds"],
+        "line": (f"pilot: {found}: training {config.epochs} epochs ({models.said}; "
                  f"{seconds:.0f} s, about {100 * seconds / (seconds + rest):.0f}% of the run)"),
-        "warning": None if fits else not_fitted_warning(config, last),
+        "warning": None if fits else not_fitted_warning(config, last["train_acc"]),
     }
 
 

@@ -36,9 +36,10 @@ from jaxmem.rundir.fingerprint import (
     result_fingerprints,
     settings_hash,
 )
-from jaxmem.train import lowering, pilot
+from jaxmem.train import lowering, pilot, preemption
 from jaxmem.train.checkpoint import WorkDir
 from jaxmem.train.loop import train_ensemble
+from jaxmem.train.preemption import Preempted
 
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "jaxmem")
 
@@ -100,13 +101,12 @@ def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
     if grow:
         config = pilot.grown_length(config, sources or {}, out)
         return grow_run(config, out, resume, progress, provenance_extra, overwrite)
-    # --resume continues an interrupted run, one started with --overwrite too (whose old run
-    # directory stays until the new one is complete)
-    interrupted = any(map(os.path.isdir, (work_dir_of(out), f"{os.path.abspath(out)}.pilot")))
-    check_output_dir(out, overwrite or resume and interrupted)
-    if pilot.wanted(config, sources or {}):
+    if pilot.wanted(config, sources or {}):  # it checks `out` itself
         return pilot.run_with_pilot(config, sources, out, overwrite, resume, progress,
                                     train_and_evaluate)
+    # --resume continues an interrupted run, one started with --overwrite too (whose old run
+    # directory stays until the new one is complete)
+    check_output_dir(out, overwrite or resume and os.path.isdir(work_dir_of(out)))
     if jax.process_count() > 1:
         return run_multiprocess(config, out, overwrite, resume, progress, provenance_extra)
     return train_and_evaluate(config, out, overwrite, resume, progress,
@@ -194,18 +194,25 @@ def provenance(config: Config, info: DataInfo) -> dict:
 
 def run_multiprocess(config: Config, out: str, overwrite: bool, resume: bool,
                      progress: bool, recorded: dict | None = None) -> str:
-    """Each process trains a contiguous share of the models into `<out>.parts/part-P`;
-    process 0 waits for every part (a shared filesystem is assumed) and merges them."""
+    """Each process trains a contiguous share of the models into `<out>.parts/part-P`, then
+    waits for every part (a shared filesystem is assumed) and process 0 merges them. A process
+    whose part is finished keeps waiting, so that the processes still training can agree on a
+    stop with it (train/preemption.py), and stops with them."""
     count, me = jax.process_count(), jax.process_index()
     indices = config.model_indices()
     bounds = np.linspace(indices.start, indices.stop, count + 1).round().astype(int)
     parts = [part_of(out, p) for p in range(count)]
     mine = dataclasses.replace(config, model_range=f"{bounds[me]}:{bounds[me + 1]}")
+    preemption.start_shared_clock()
     if not (resume and os.path.exists(os.path.join(parts[me], "metrics.json"))):
         check_output_dir(parts[me], overwrite)
         train_and_evaluate(mine, parts[me], overwrite, resume, progress and me == 0,
                            recorded=recorded)
+    if not wait_for_parts(parts, stopped=preemption.agreed_stop):
+        raise Preempted(f"SIGTERM received: models {bounds[me]}..{bounds[me + 1] - 1} are "
+                        f"finished in {parts[me]}, the other processes checkpointed theirs; "
+                        "rerun the same command with --resume to continue (exit status "
+                        f"{preemption.EXIT_PREEMPTED})")
     if me == 0:
-        wait_for_parts(parts)
         merge_runs(parts, out, overwrite=True, model_range=config.model_range)
     return out

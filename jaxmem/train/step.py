@@ -139,18 +139,26 @@ def eval_logits(spec: StepSpec, state: ModelState, images):
                             normalize(spec, images), False)
 
 
-def eval_predictions(spec: StepSpec, state: ModelState, images, labels):
-    """Eval mode: ([B] bool correctness, [B] int32 predicted class, [B, C] float32 softmax
-    probabilities, [B] int16 true-class margin), from one forward pass. The predicted class is
-    the logits' argmax (the lowest class among equal logits), so correctness is
-    `predicted == labels`; the margin is the true-class logit minus the largest other one, in
-    jaxmem/margins.py's fixed point, whose sign is that correctness."""
+def eval_margins(spec: StepSpec, state: ModelState, images, labels):
+    """Eval mode: ([B] bool correctness, [B] int16 true-class margin), what every evaluation
+    records. The predicted class is the logits' argmax (the lowest class among equal logits),
+    so correctness is `predicted == labels`; the margin is the true-class logit minus the
+    largest other one, in jaxmem/margins.py's fixed point, whose sign is that correctness."""
+    correct, _, _, units = eval_predictions(spec, state, images, labels, probabilities=False)
+    return correct, units
+
+
+def eval_predictions(spec: StepSpec, state: ModelState, images, labels,
+                     probabilities: bool = True):
+    """Eval mode, from one forward pass: ([B] bool correctness, [B] int32 predicted class,
+    [B, C] float32 softmax probabilities (None without `probabilities`), [B] int16 true-class
+    margin; see `eval_margins`). The last evaluation's held-out predictions need the classes and
+    probabilities; the others only correctness and margins."""
     logits = eval_logits(spec, state, images).astype(jnp.float32)
     predicted = logits.argmax(-1).astype(jnp.int32)
     correct = predicted == labels
     true = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
     other = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf,
                       logits).max(-1)
-    return (correct, predicted, jax.nn.softmax(logits, axis=-1),
+    return (correct, predicted, jax.nn.softmax(logits, axis=-1) if probabilities else None,
             margins.quantize(true - other, correct, jnp))
-
