@@ -9,7 +9,7 @@ import sys
 import types
 import typing
 
-from jaxmem import recipes
+from jaxmem import recipes, reliability
 from jaxmem.config import Config
 from jaxmem.errors import DiskFull, UserError
 
@@ -86,6 +86,7 @@ def summary(out: str, metrics: dict) -> str:
         f" ({metrics['low_count_examples']} examples flagged: fewer than "
         f"{metrics['min_count']} in- or held-out models, score NaN)",
         noise_line(metrics),
+        *([reliability_line(metrics["reliability"])] if metrics.get("reliability") else []),
         *([pilot_line(metrics["pilot"])] if metrics.get("pilot") else []),
         *([f"canaries: {round(metrics['canary_recall'] * metrics['num_canaries'])} of "
            f"{metrics['num_canaries']} ({100 * metrics['canary_recall']:.0f}%) score above "
@@ -98,6 +99,10 @@ def summary(out: str, metrics: dict) -> str:
         f"run directory: {out}  (load with jaxmem.load_run({out!r}))",
         table_line(out),
     ])
+
+
+def reliability_line(record: dict) -> str:
+    return f"reliability: {reliability.describe(record)}"
 
 
 def time_line(metrics: dict) -> str:

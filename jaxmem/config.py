@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxmem.errors import UserError
-from jaxmem.train import host_memory
+from jaxmem.sizes import parse_bytes
 
 
 def setting(default, help: str):  # noqa: A002 - mirrors argparse's keyword
@@ -85,9 +85,10 @@ class Config:
     models_per_wave: int = setting(0, "models trained at once (0 = as many as fit the memory "
                                    "budget: the devices' free memory on GPU/TPU, the host's on "
                                    "CPU)")
-    host_memory: str | None = setting(None, "memory this host's run may use on CPU, e.g. 6G or "
-                                      "1.5GiB (default: the smaller of MemAvailable and the "
-                                      "memory cgroup's limit minus its usage)")
+    host_memory: str | None = setting(None, "the most host memory this run may hold, e.g. 6G or "
+                                      "1.5GiB, on CPU as on GPU/TPU (default: what "
+                                      "MemAvailable and the memory cgroup's limit minus its "
+                                      "usage leave)")
     conv_impl: str = setting("auto", "convolution lowering: auto, xla or im2col")
     ensemble: str = setting("auto", "model-axis mapping: auto, vmap, vmap:C, map or unroll")
     dtype: str = setting("float32", "compute dtype: float32 or bfloat16 (params stay float32)")
@@ -107,7 +108,7 @@ class Config:
         if self.models_per_wave < 0:
             raise UserError(f"--models-per-wave must be >= 0, got {self.models_per_wave}")
         if self.host_memory is not None:
-            host_memory.parse_bytes(self.host_memory)
+            parse_bytes(self.host_memory)
         if self.min_count < 2:
             raise UserError(f"--min-count must be >= 2 (a standard error needs two in- and two "
                             f"held-out models), got {self.min_count}")

@@ -15,6 +15,10 @@ Columns (in this order; NaN where a value is undefined):
     suggested_label_share its share of their votes
     memorization          score at the last evaluated epoch (in-subset minus held-out acc.)
     memorization_se       its standard error
+    memorization_margin   the model-based estimate of the same score from the models' margins
+                          (jaxmem/margins.py), memorization_margin_se its standard error
+    rank                  1 = the most memorized real example (by score, equal scores by the
+                          margin estimate: `Run.ranking`); 0 for canaries
     threshold_pvalue      p-value of H0: score <= the run's threshold (score test)
     memorized_fdr         score above the threshold at the run's false discovery rate
     in_subset_acc         accuracy of the models that trained on the example

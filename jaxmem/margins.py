@@ -27,12 +27,14 @@ SCALE = 128  # units per logit
 LIMIT = 2**15 - 1  # largest magnitude, in units
 # The four per-example sums over models, in this order on the sums' second axis.
 SUM_NAMES = ("in_sum", "in_sumsq", "out_sum", "out_sumsq")
+# Bytes of one [models, N] int64 block of the sums' temporaries (a wave's models in chunks).
+SUM_BLOCK_BYTES = 16 * 2**20
 
 
 def quantize(margin, correct, xp=np):
     """Margins (float, any shape) and the matching correctness -> int16 units whose sign is the
     correctness. xp: the array module (numpy, or jax.numpy on a device)."""
-    units = xp.clip(xp.rint(margin * SCALE), -LIMIT, LIMIT)
+    units = xp.clip(xp.rint(xp.nan_to_num(margin * SCALE)), -LIMIT, LIMIT)  # NaN: diverged
     units = xp.where(correct, xp.maximum(units, 1), xp.minimum(units, -1))
     return units.astype(xp.int16)
 
@@ -54,13 +56,17 @@ class MarginSums:
     def of(cls, units: np.ndarray, masks: np.ndarray, included: np.ndarray) -> MarginSums:
         """units [E, m, N] int16 margins of m models, masks [m, N] bool, included [m] bool
         (models that count: not diverged)."""
-        masks = np.asarray(masks, bool)[included]
+        masks = np.asarray(masks, bool)
+        rows = np.flatnonzero(included)
         sums = np.zeros((len(units), len(SUM_NAMES), masks.shape[1]), np.int64)
-        for epoch, epoch_units in enumerate(units):  # one [m, N] int64 temporary at a time
-            values = np.asarray(epoch_units, np.int64)[included]
-            for j, (side, power) in enumerate(((masks, 1), (masks, 2), (~masks, 1),
-                                               (~masks, 2))):
-                sums[epoch, j] = np.where(side, values**power, 0).sum(axis=0)
+        step = max(1, SUM_BLOCK_BYTES // (8 * max(1, masks.shape[1])))
+        for epoch, epoch_units in enumerate(units):  # [chunk, N] int64 temporaries
+            for start in range(0, len(rows), step):
+                chunk = rows[start:start + step]
+                values, inside = np.asarray(epoch_units[chunk], np.int64), masks[chunk]
+                for j, (side, power) in enumerate(((inside, 1), (inside, 2), (~inside, 1),
+                                                   (~inside, 2))):
+                    sums[epoch, j] += np.where(side, values**power, 0).sum(axis=0)
         return cls(sums)
 
     def __add__(self, other: MarginSums) -> MarginSums:

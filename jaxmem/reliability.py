@@ -118,6 +118,54 @@ def _plain_numbers(record):
     """JSON-ready: NaN and infinity (no agreement to build on) become None."""
     if isinstance(record, dict):
         return {k: _plain_numbers(v) for k, v in record.items()}
+    if isinstance(record, list):
+        return [_plain_numbers(v) for v in record]
     if isinstance(record, float) and not np.isfinite(record):
         return None
     return record
+
+
+def describe(record: dict) -> str:
+    """The split-half record in a sentence (the run's summary and report)."""
+    plain, margin = record.get("plain"), record.get("margin")
+    if not plain or plain.get("reliability") is None:
+        return (f"not measured ({record['num_models']} models, "
+                f"{record['contested_examples']} examples that some model gets wrong)")
+    models = lambda count: "more than 100,000" if count is None else f"{count:,.0f}"  # noqa: E731
+    line = (f"the scores agree with those of another run of {record['num_models']} models to "
+            f"about {plain['reliability']:.2f} (Spearman, split halves, "
+            f"{record['contested_examples']} examples that some model gets wrong)")
+    if not margin or margin.get("reliability") is None:
+        return f"{line}; about {models(plain['models_for_target'])} models would reach " \
+               f"{record['target']}"
+    return (f"{line}, the margin estimate (memorization_margin) to {margin['reliability']:.2f}: "
+            f"these {record['num_models']} models score like about "
+            f"{models(margin['plain_models_for_same'])} with correctness alone; "
+            f"{record['target']} takes about {models(margin['models_for_target'])} models with "
+            f"margins, {models(plain['models_for_target'])} without")
+
+
+def convergence(masks: np.ndarray, correct: np.ndarray, units: np.ndarray | None, seed: int,
+                examples: np.ndarray | None = None) -> dict:
+    """Agreement as models are added, on the run's own models: the models are split in two
+    halves (`halves`, split 0); the plain score of the second half is the reference, and the
+    first k models of the first half (k = 4, 8, ... up to the half) are scored by each
+    estimator and correlated with it (Spearman, over the examples some model gets wrong that
+    both score). Returns {"models": [k...], "plain": [rho...], "margin": [rho...] (None
+    without margins), "reference_models": K - K // 2}."""
+    masks, correct = np.asarray(masks, bool), np.asarray(correct, bool)
+    examples = np.ones(masks.shape[1], bool) if examples is None else np.asarray(examples, bool)
+    contested = examples & ~correct.all(axis=0)
+    units = None if units is None else np.asarray(units)
+    first, second = halves(len(masks), seed, 0)
+    reference = _half_scores(masks, correct, None, second)["plain"]
+    sizes = [k for k in 2 ** np.arange(2, 20) if k <= len(first)]
+    curves: dict[str, list] = {"plain": [], "margin": []}
+    for size in sizes:
+        scores = _half_scores(masks, correct, units, first[:size])
+        rows = contested & np.isfinite(reference) & np.isfinite(scores["plain"])
+        for name in curves:
+            curves[name].append(_ranks_correlation(scores[name][rows], reference[rows])
+                                if name in scores else float("nan"))
+    return _plain_numbers({"models": [int(k) for k in sizes], **curves,
+                           "margin_kept": units is not None, "reference_models": len(second)})

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxmem import atomic
+from jaxmem import atomic, reliability
 from jaxmem.analysis import figures, gallery, influence, stats, tables, transient
 from jaxmem.errors import UserError
 from jaxmem.rundir import Run, load_run
@@ -164,6 +164,8 @@ def _run_section(run: Run, threshold, galleries: bool) -> str:
              ["memorized at FDR", f"{len(tested)} examples score above {cut:g} at false "
                                   f"discovery rate {stats.run_fdr(run):g} (at most that share "
                                   f"of them expected to score {cut:g} or less in truth)"],
+             *([["reliability", reliability.describe(metrics["reliability"])]]
+               if metrics.get("reliability") else []),
              ["onset / peak / final epoch",
               f"{stages['onset_epoch']} / {stages['peak_epoch']} / {stages['final_epoch']}"],
              ["peak / final count above noise",
@@ -175,7 +177,8 @@ def _run_section(run: Run, threshold, galleries: bool) -> str:
              _table(["", ""], facts),
              _img(figures.memorization_curve(run, threshold), f"memorization curve {label}"),
              _img(figures.epoch_score_histograms(run, threshold=threshold),
-                  f"scores by epoch {label}")]
+                  f"scores by epoch {label}"),
+             _img(figures.estimator_convergence(run), f"estimators by models {label}")]
     epochwise = transient.epochwise(run, threshold, stages["peak_epoch"])
     parts.append(f"<p>Epoch-wise transient: {html.escape(epochwise.describe())}.</p>")
     pairs = influence.run_high_influence_pairs(run, memorization_threshold=threshold)

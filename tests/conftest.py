@@ -124,6 +124,24 @@ def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits"
     return path
 
 
+def simulated_margins(num_models: int, seed: int, num_examples: int = 3000):
+    """Masks and int16 margins of `num_models` models with known per-example normal margin
+    distributions (means and variances drawn across examples, the variances from a scaled
+    inverse chi-square), and the true score P[m > 0 | in] - P[m > 0 | out]."""
+    from scipy.special import ndtr
+
+    rng = np.random.default_rng(seed)
+    sd_in, sd_out = (np.sqrt(8 * 4.0 / rng.chisquare(8, num_examples)) for _ in range(2))
+    mean_in, mean_out = rng.normal(3, 2, num_examples), rng.normal(0.5, 2.5, num_examples)
+    truth = ndtr(mean_in / sd_in) - ndtr(mean_out / sd_out)
+    masks = np.zeros((num_models, num_examples), bool)
+    for k in range(num_models):
+        masks[k, rng.permutation(num_examples)[:round(0.7 * num_examples)]] = True
+    drawn = np.where(masks, rng.normal(mean_in, sd_in, masks.shape),
+                     rng.normal(mean_out, sd_out, masks.shape))
+    return masks, margins.quantize(drawn, drawn > 0), truth
+
+
 @pytest.fixture
 def fake_run_dir(tmp_path):
     """Factory: fake_run_dir(name="run", **write_fake_run options) -> path of a new run dir

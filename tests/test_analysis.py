@@ -482,7 +482,8 @@ def test_canaries_are_left_out_of_every_number_that_excludes_them(fake_run_dir, 
     largest standard error: none of that reaches the run's summary numbers, Figure 4,
     most_memorized, the memorized sets or the --until-se stopping rule."""
     from jaxmem.config import Config
-    from jaxmem.train.loop import below_target_se
+    from jaxmem.rundir.record import TIMED_PARTS
+    from jaxmem.train.finished import FinishedModels
 
     run = jaxmem.load_run(fake_run_dir("canaries", canaries=8, num_models=64))
     real, canary = run.real, run.canary_index
@@ -509,11 +510,16 @@ def test_canaries_are_left_out_of_every_number_that_excludes_them(fake_run_dir, 
     assert len(plotted) == 4 and all(np.isnan(v[canary]).all() for v in plotted)
     # --until-se: the canary with the largest standard error does not hold training back
     target = (np.nanmax(se[real]) + np.nanmax(se)) / 2
-    wave = {"masks": np.asarray(run.masks), "correct_train": run.correct_by_epoch("train"),
-            "train_loss": run.train_loss}
-    config = Config(until_se=target)
-    assert below_target_se([wave], config, canary)
-    assert not below_target_se([wave], config)
+    finished = FinishedModels(run.model_indices, np.asarray(run.masks), list(run.epochs),
+                              len(run.train_loss), len(run.test_labels))
+    finished.add({"model_indices": run.model_indices, "train_loss": run.train_loss,
+                  "correct_train": run.correct_by_epoch("train"),
+                  "correct_test": run.correct_by_epoch("test"),
+                  "train_batch_acc": run.train_batch_acc, "peak_memory_bytes": -1,
+                  **{f"{part}_seconds": 0.0 for part in TIMED_PARTS}})
+    min_count = Config().min_count
+    assert finished.standard_errors_below(target, min_count, canary)
+    assert not finished.standard_errors_below(target, min_count)
 
 
 def test_threshold_pvalues_stored_and_recomputed(fake_run_dir):

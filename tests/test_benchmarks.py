@@ -93,3 +93,18 @@ def test_pytorch_baseline_has_the_same_parameters_as_the_jaxmem_model(arch):
     variables = models.create(arch, 10).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     jax_count = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
     assert sum(p.numel() for p in torch_model.parameters()) == jax_count
+
+
+def test_the_rehearsal_writes_and_loads_its_synthetic_run(tmp_path):
+    """experiments/rehearsal.py's write and load steps at a tiny shape, in this process: the
+    synthetic run has its planted memorized examples and pairs, and the plan's prediction
+    covers what the process held."""
+    rehearsal = load_script("rehearsal")
+    args = rehearsal.parse_args([f"--out={tmp_path}", "--num-models=48", "--num-train=400",
+                                 "--num-test=60", "--evaluations=3"])
+    wrote = rehearsal.child_write(args)
+    assert wrote["predicted_peak_bytes"] > wrote["rss_holding_result_bytes"] > 0
+    assert 0 < wrote["disk_bytes"] <= wrote["planned_disk_bytes"]
+    loaded = rehearsal.child_load(args)
+    assert 0 < loaded["memorized"] <= 0.1 * 400  # the memorized kind: 5% of the examples
+    assert loaded["correct_bits_set"] > 0

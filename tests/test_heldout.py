@@ -8,6 +8,7 @@ from jaxmem import keys
 from jaxmem.config import Config
 from jaxmem.data.synthetic import make
 from jaxmem.masks import run_masks
+from jaxmem.rundir import heldout
 from jaxmem.rundir.heldout import QUANTUM, HeldoutSums, combine, suggested_labels
 from jaxmem.train import step as step_lib
 from jaxmem.train.loop import Trainer
@@ -15,9 +16,10 @@ from jaxmem.train.loop import Trainer
 DATASET = make(seed=2, sizes=(1, 2, 4, 8))  # 150 examples, 10 classes, 8x8x1
 
 
-def test_sums_of_quantized_probabilities_do_not_depend_on_the_order_of_summation():
-    """Waves, parts and grown runs add the same models in other groupings: the quantized sums
-    are equal bit for bit, where plain float sums of the same probabilities are not."""
+def test_sums_of_quantized_probabilities_do_not_depend_on_the_order_of_summation(monkeypatch):
+    """Waves, parts and grown runs add the same models in other groupings (and a wave adds its
+    models a chunk at a time): the quantized sums are equal bit for bit, where plain float sums
+    of the same probabilities are not."""
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(12, 40, 5)) * 4
     probs = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
@@ -35,6 +37,10 @@ def test_sums_of_quantized_probabilities_do_not_depend_on_the_order_of_summation
     one, waves = grouped([np.arange(12)]), grouped([[7, 3, 11], [0, 1], [2, 4, 5, 6, 8, 9, 10]])
     np.testing.assert_array_equal(one.prob_sum, waves.prob_sum)
     np.testing.assert_array_equal(one.votes, waves.votes)
+    monkeypatch.setattr(heldout, "ADD_BLOCK_BYTES", 8 * 40 * 5 * 5)  # 5 models at a time
+    chunked = grouped([np.arange(12)])
+    np.testing.assert_array_equal(one.prob_sum, chunked.prob_sum)
+    np.testing.assert_array_equal(one.votes, chunked.votes)
     plain = sum(np.where(held[k, :, None], probs[k].astype(np.float64), 0) for k in range(12))
     # the quantized sums are the probability sums to within QUANTUM / 2 per model
     np.testing.assert_allclose(one.prob_sum, plain, rtol=0, atol=12 * QUANTUM / 2)

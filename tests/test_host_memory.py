@@ -8,6 +8,7 @@ import pytest
 
 from jaxmem.config import Config
 from jaxmem.errors import UserError
+from jaxmem.sizes import parse_bytes
 from jaxmem.train import host_memory
 from jaxmem.train.host_memory import Budget, host_budget
 
@@ -113,6 +114,10 @@ def test_explicit_limit_and_processes_sharing_the_host(tmp_path):
     assert host_budget("64G", root, {}) == Budget(20 * GIB, "MemAvailable")
     shared = host_budget("6G", root, {"SLURM_NTASKS_PER_NODE": "4(x2)"})
     assert shared == Budget(6 * GIB // 4, "--host-memory shared by 4 processes on the host")
+    # --host-memory is the most the run may hold: what the process holds already is spent
+    write(root, "proc/self/status", "Name: python\nVmRSS:\t 1048576 kB\n")
+    assert host_budget("6G", root, {}) == Budget(5 * GIB, "--host-memory")
+    assert host_budget("512M", root, {}).bytes == 0
     assert host_memory.processes_per_host({}) == 1
 
 
@@ -153,7 +158,7 @@ def test_processes_on_the_host_in_every_launch_mode(environ, expected):
     ("6G", 6 * GIB), ("6GiB", 6 * GIB), ("1.5g", 3 * GIB // 2), ("512M", 512 * 2**20),
     ("123456", 123456), ("2 TB", 2 * 2**40)])
 def test_sizes(text, expected):
-    assert host_memory.parse_bytes(text) == expected
+    assert parse_bytes(text) == expected
 
 
 @pytest.mark.parametrize("text", ["lots", "6X", "0", "-1G", ""])

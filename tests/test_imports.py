@@ -41,6 +41,26 @@ def test_the_run_directory_imports_neither_training_nor_analysis():
     assert not arrows
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_run_directory_depends_on_neither_training_nor_analysis_through_other_modules():
+    """Not even through a top-level module: the settings (config.py), which merging reads,
+    parse their sizes with jaxmem.sizes, not with training's host memory code."""
+    graph = imports()
+    for module in [m for m in graph if m.startswith("jaxmem.rundir")] + ["jaxmem.config"]:
+        upward = {m for m in reachable(graph, module)
+                  if m.startswith(("jaxmem.train", "jaxmem.analysis"))}
+        assert not upward, (module, upward)
+
+
 def test_no_import_circle():
     graph = imports()
     # a package's __init__ re-exporting its own modules is not a circle

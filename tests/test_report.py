@@ -31,8 +31,9 @@ def test_report_embeds_every_figure_for_several_runs(fake_run_dir, tmp_path):
     with open(out, encoding="utf-8") as f:
         page = f.read()
     images = embedded_pngs(page)
-    # size, gap, curve, run histograms; per run: curve, epoch histograms, gallery, pairs
-    assert len(images) == 4 + 2 * 4
+    # size, gap, curve, run histograms; per run: curve, epoch histograms, the estimators'
+    # convergence, gallery, pairs
+    assert len(images) == 4 + 2 * 5
     assert all(image.startswith(PNG_MAGIC) for image in images)
     assert "Table 1" in page and "digits/small_vgg" in page and "digits/med_vgg" in page
     assert "Pearson r = " in page and "Model-wise transient memorization" in page
@@ -47,7 +48,9 @@ def test_report_cli_single_run_default_output(fake_run_dir, capsys):
     assert path == os.path.join(run, "report.html") and os.path.exists(path)
     with open(path, encoding="utf-8") as f:
         page = f.read()
-    assert len(embedded_pngs(page)) == 4  # curve, run histogram, run curve, epoch histograms
+    # curve, run histogram; the run's curve, epoch histograms and estimators' convergence
+    assert len(embedded_pngs(page)) == 5
+    assert "reliability" in page and "estimators by models" in page  # the figure's alt text
     assert "Figure 1" not in page  # size and gap need several runs
 
 

@@ -152,6 +152,9 @@ def test_merged_parts_equal_a_single_run(npz, uninterrupted, tmp_path):
     assert_same_margins(merged, uninterrupted, units=0)  # the same waves: bit for bit
     np.testing.assert_array_equal(merged.extra["margin_sums"],
                                   uninterrupted.extra["margin_sums"])
+    np.testing.assert_array_equal(merged.memorization_margin_by_epoch,
+                                  uninterrupted.memorization_margin_by_epoch)
+    assert merged.metrics["reliability"] == uninterrupted.metrics["reliability"]
     assert merged.config["model_range"] is None and merged.metrics["num_models"] == 4
     timed = [sum(load_run(p).metrics[f"{part}_seconds"] for p in parts)
              for part in ("compile", "train", "eval", "checkpoint")]
@@ -257,9 +260,19 @@ def test_a_grown_run_equals_a_fresh_run_with_more_models(npz, uninterrupted, tmp
     run(config_for(npz, num_models=2, until_se=5.0), out, progress=False)  # 2 cannot reach it
     with pytest.raises(UserError, match="refusing to add models .* settings fingerprint"):
         run(config_for(npz, lr=0.2), out, grow=True, progress=False)
-    before = load_run(out).metrics
+    small = load_run(out)
+    before = small.metrics
     grown = load_run(run(config_for(npz, null_permutations=7, fdr=0.1, fit_threshold=0.5), out,
                          grow=True, progress=False))
+    # the scores of the grown run's first two models are those of the run of them alone, and
+    # of all its models its own scores (both estimators)
+    for chosen, alone in (([0, 1], small), (None, grown)):
+        scores = grown.scores(chosen)
+        for name in ("memorization", "memorization_se", "memorization_margin",
+                     "memorization_margin_se", "in_count", "low_count"):
+            np.testing.assert_array_equal(scores[name], getattr(alone, name))
+    with pytest.raises(UserError, match="included models"):
+        grown.scores([0, 0])
     assert_same_run(grown, uninterrupted)  # masks, correctness and scores bit for bit
     assert (grown.config["null_permutations"], grown.config["fdr"],
             grown.config["fit_threshold"]) == (7, 0.1, 0.5)
@@ -344,6 +357,21 @@ def contents(work: str) -> tuple[list[str], dict[str, int]]:
     return sorted(f for f in os.listdir(work) if f.endswith(".npz")), checkpoints
 
 
+def test_saving_a_finished_wave_reads_no_finished_file(tmp_path):
+    """Which models are finished is in the files' names: saving a wave opens none of them
+    (each wave re-read every earlier one, quadratic in the waves), and deletes the checkpoints
+    whose models are all finished, as those names say."""
+    with WorkDir(str(tmp_path / "work"), {"fingerprints": {}}, resume=False) as work:
+        with open(os.path.join(work.path, "models-0-2.npz"), "wb") as f:
+            f.write(b"unreadable: a wave that must not be opened")
+        for held in ("0-4", "2-6"):
+            os.makedirs(os.path.join(work.path, f"checkpoint-models-{held}"))
+        work.save_finished({"model_indices": np.arange(2, 4), "train_loss": np.zeros((1, 2))})
+    assert contents(work.path) == (["models-0-2.npz", "models-2-4.npz"], {})
+    assert sorted(f for f in os.listdir(work.path) if f.startswith("checkpoint")) == [
+        "checkpoint-models-2-6"]
+
+
 def stop_at(monkeypatch, step, config: Config, out: str, **options) -> str:
     """Run in this process; SIGTERM arrives at `step` ("STEP:SIGNAME": that signal);
     returns the stop message."""
@@ -374,7 +402,8 @@ def test_waves_replanned_from_their_measured_peak_change_no_result(npz, six, tmp
     run equals the one trained in two waves of 3, and the log says why the size changed."""
     sizes = iter([1, 2])
     monkeypatch.setattr(waves.MemoryPlan, "wave_size_after",
-                        lambda self, peak, padded, remaining: min(next(sizes), remaining))
+                        lambda self, peak, padded, remaining, held=0: min(next(sizes),
+                                                                          remaining))
     out = run(config_for(npz, **LAYOUT), str(tmp_path / "run"), progress=True)
     assert_same_run(load_run(out), six)
     log = "".join(capsys.readouterr())

@@ -4,6 +4,7 @@ Figure 1: memorized count vs parameter count, one line per model family (per dat
 Figure 2: memorized count vs training epoch with its noise floor and the three stages.
 Figure 3: memorized count vs train-test gap over runs, with Pearson r and p.
 Figure 4: score distributions across runs or across epochs.
+Also: how the scores of each estimator converge as models are added (estimator_convergence).
 
 Every function returns a `matplotlib.figure.Figure` (shown inline by Jupyter) and, given
 `path`, also writes it as PNG. Figures are built on `Figure()` directly, so they never touch
@@ -20,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from jaxmem import reliability
 from jaxmem.analysis import stats
 from jaxmem.estimator import DEFAULT_THRESHOLD
 from jaxmem.rundir import Run
@@ -195,3 +197,27 @@ def epoch_score_histograms(run: Run, epochs: Sequence[int] | None = None, bins: 
     return score_histograms({f"epoch {e}": run.counted_scores(int(e)) for e in epochs}, bins,
                             stats.run_threshold(run, threshold),
                             f"Scores across epochs ({stats.run_label(run)})", path=path)
+
+
+def estimator_convergence(run: Run, path: str | None = None) -> Figure:
+    """How many models each estimator needs: the Spearman correlation of the scores of the
+    first k models of one half of the run with the plain score of the other half, as k grows,
+    for the plain estimator and the margin estimate (jaxmem.reliability.convergence)."""
+    curve = reliability.convergence(run.masks, run.correct_train,
+                                    run.margin_units if run.has_margins else None,
+                                    int(run.config.get("seed", 0)), run.real)
+    fig = Figure(figsize=(5.0, 3.4))
+    ax = fig.add_subplot()
+    labels = {"plain": "plain (correct or not)", "margin": "margin estimate"}
+    for name, marker in (("plain", "o"), ("margin", "s")):
+        values = np.array([np.nan if v is None else v for v in curve[name]], float)
+        if np.isfinite(values).any():
+            ax.plot(curve["models"], values, marker=marker, label=labels[name])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(curve["models"], [str(k) for k in curve["models"]])
+    ax.set_xlabel("models scoring")
+    ax.set_ylabel(f"Spearman with {curve['reference_models']} other models")
+    ax.set_title(f"Scores as models are added ({stats.run_label(run)})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)

@@ -4,6 +4,7 @@ imports neither.
 """
 
 from jaxmem.rundir.merge import merge_runs, wait_for_parts
+from jaxmem.rundir.packed import PackedCorrectness
 from jaxmem.rundir.record import (
     DataInfo,
     EnsembleResult,
@@ -12,6 +13,6 @@ from jaxmem.rundir.record import (
 )
 from jaxmem.rundir.store import PackedEpochs, Run, diverged_models, load_run, save_run
 
-__all__ = ["DataInfo", "EnsembleResult", "PackedEpochs", "Run", "check_output_dir",
-           "diverged_models", "load_run", "merge_runs", "save_run", "wait_for_parts",
-           "write_run"]
+__all__ = ["DataInfo", "EnsembleResult", "PackedCorrectness", "PackedEpochs", "Run",
+           "check_output_dir", "diverged_models", "load_run", "merge_runs", "save_run",
+           "wait_for_parts", "write_run"]

@@ -21,6 +21,8 @@ import dataclasses
 import numpy as np
 
 QUANTUM = 2.0 ** -24
+# Bytes of one [models, b, C] float64 temporary of `add` (a wave's models in chunks).
+ADD_BLOCK_BYTES = 16 * 2**20
 # scores.npz names of the additive sums (what a merge adds) and of what is derived from them
 SUM_ARRAYS = ("heldout_prob_sum", "heldout_votes")
 
@@ -44,11 +46,15 @@ class HeldoutSums:
         [m, b, C] softmax probabilities, held [m, b] bool (True where the model held the
         example out and is included; everything else, NaN included, adds nothing)."""
         stop = start + predicted.shape[1]
-        exact = np.rint(np.asarray(probs, np.float64) / QUANTUM) * QUANTUM
-        self.prob_sum[start:stop] += np.where(held[..., None], exact, 0.0).sum(axis=0)
         classes = np.arange(self.votes.shape[1])
-        self.votes[start:stop] += ((predicted[..., None] == classes) & held[..., None]).sum(
-            axis=0, dtype=np.int32)
+        step = max(1, ADD_BLOCK_BYTES // max(1, 8 * probs.shape[1] * probs.shape[2]))
+        for first in range(0, len(predicted), step):  # [step, b, C] float64 temporaries
+            models = slice(first, first + step)
+            inside = held[models, :, None]
+            exact = np.rint(np.asarray(probs[models], np.float64) / QUANTUM) * QUANTUM
+            self.prob_sum[start:stop] += np.where(inside, exact, 0.0).sum(axis=0)
+            self.votes[start:stop] += ((predicted[models, :, None] == classes) & inside).sum(
+                axis=0, dtype=np.int32)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"heldout_prob_sum": self.prob_sum, "heldout_votes": self.votes}

@@ -19,6 +19,7 @@ from jaxmem.config import Config
 from jaxmem.errors import UserError
 from jaxmem.rundir.fingerprint import REPORT_SETTINGS, check_same
 from jaxmem.rundir.heldout import combine
+from jaxmem.rundir.packed import PackedCorrectness
 from jaxmem.rundir.record import (
     TIMED_PARTS,
     DataInfo,
@@ -72,8 +73,8 @@ def merge_runs(part_dirs: list[str], out: str, overwrite: bool = False,
         model_indices=indices,
         masks=np.concatenate([np.asarray(p.masks) for p in parts]),
         epochs=[int(e) for e in first.epochs],
-        correct_train=np.concatenate([p.correct_by_epoch("train") for p in parts], axis=1),
-        correct_test=np.concatenate([p.correct_by_epoch("test") for p in parts], axis=1),
+        correct_train=PackedCorrectness.concatenate([p.correct_epochs("train") for p in parts]),
+        correct_test=PackedCorrectness.concatenate([p.correct_epochs("test") for p in parts]),
         train_loss=np.concatenate([p.train_loss for p in parts], axis=1),
         train_batch_acc=np.concatenate([p.train_batch_acc for p in parts], axis=1),
         seconds={part: sum(p.metrics.get(f"{part}_seconds", 0.0) for p in parts)

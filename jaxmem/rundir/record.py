@@ -17,6 +17,7 @@ from jaxmem.canaries import real_examples
 from jaxmem.errors import UserError
 from jaxmem.rundir.fingerprint import result_fingerprints
 from jaxmem.rundir.heldout import HeldoutSums
+from jaxmem.rundir.packed import PackedCorrectness
 from jaxmem.rundir.store import diverged_models, save_run
 
 # Where a run's time goes (metrics.json, `<part>_seconds`): the first step of each wave
@@ -29,8 +30,9 @@ TIMED_PARTS = ("compile", "train", "eval", "checkpoint")
 class EnsembleResult:
     """Outputs of training K models. E = evaluated epochs.
 
-    model_indices [K]; masks [K,N] bool; correct_train [E,K,N] bool; correct_test
-    [E,K,N_test] bool; train_loss, train_batch_acc [epochs, K] (means over each epoch's own
+    model_indices [K]; masks [K,N] bool; correct_train [E,K,N] and correct_test [E,K,N_test]
+    correctness, held bit-packed (jaxmem/rundir/packed.py; bool arrays given are packed);
+    train_loss, train_batch_acc [epochs, K] (means over each epoch's own
     examples); seconds spent per part (TIMED_PARTS); peak memory per wave in bytes (None
     where not reported); the memory plan's record (waves.MemoryPlan.record; None when merged);
     heldout: the included models' held-out prediction sums at the last evaluated epoch (None:
@@ -42,8 +44,8 @@ class EnsembleResult:
     model_indices: np.ndarray
     masks: np.ndarray
     epochs: list[int]
-    correct_train: np.ndarray
-    correct_test: np.ndarray
+    correct_train: PackedCorrectness
+    correct_test: PackedCorrectness
     train_loss: np.ndarray
     train_batch_acc: np.ndarray
     seconds: dict[str, float] = dataclasses.field(
@@ -54,6 +56,11 @@ class EnsembleResult:
     heldout: HeldoutSums | None = None  # held-out prediction sums of the included models
     margins: np.ndarray | None = None
     margin_sums: margins.MarginSums | None = None
+
+    def __post_init__(self):
+        for name in ("correct_train", "correct_test"):
+            if not isinstance(getattr(self, name), PackedCorrectness):
+                setattr(self, name, PackedCorrectness.pack(getattr(self, name)))
 
     @property
     def diverged(self) -> np.ndarray:
@@ -116,8 +123,7 @@ def write_run(out: str, settings: dict, info: DataInfo, result: EnsembleResult, 
     if pilot:
         metrics["pilot"] = {**pilot, "share_of_run": pilot["seconds"] / max(wall, 1e-9)}
         metrics["warnings"] += [pilot["warning"]] if pilot["warning"] else []
-    arrays = {"masks": result.masks, "correct_train": result.correct_train[-1],
-              "correct_test": result.correct_test[-1]}
+    arrays = {"masks": result.masks}
     if result.margins is not None:
         arrays["margins"] = result.margins
     save_run(out, record, metrics, arrays, scores,
@@ -134,9 +140,9 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
     them."""
     keep = ~result.diverged
     masks = result.masks
-    in_count, out_count = estimator.membership_counts(masks[keep])
-    in_correct, out_correct = estimator.correct_counts(masks[keep],
-                                                       result.correct_train[:, keep])
+    kept, correct = included(result)
+    in_count, out_count = estimator.membership_counts(kept)
+    in_correct, out_correct = correct.counts(kept)  # [E, N], from column blocks of the bits
     by_epoch = estimator.from_counts(in_correct, out_correct, in_count, out_count, min_count)
     pvalues = significance.margin_pvalues(in_correct, out_correct, in_count, out_count,
                                           threshold, min_count)
@@ -149,8 +155,12 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
                       memorization_margin_se=margin["memorization_margin_se"][-1])
     else:
         margin = {}
-    own = (result.correct_train & masks).sum(-1) / np.maximum(masks.sum(-1), 1)  # [E, K]
-    held = (result.correct_train & ~masks).sum(-1) / np.maximum((~masks).sum(-1), 1)
+    subset = masks.sum(-1)  # [K]: every model's own subset, right or wrong
+    own_correct = result.correct_train.model_counts(masks)  # [E, K]
+    heldout_correct = result.correct_train.model_counts() - own_correct
+    own = own_correct / np.maximum(subset, 1)
+    held = heldout_correct / np.maximum(masks.shape[1] - subset, 1)
+    test_acc = result.correct_test.model_counts() / max(result.correct_test.count, 1)
     return {
         "memorization": by_epoch["memorization"][-1],
         "memorization_se": by_epoch["memorization_se"][-1],
@@ -163,7 +173,7 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
         "epochs": np.asarray(result.epochs),
         "train_acc": own,
         "heldout_acc": held,
-        "test_acc": result.correct_test.mean(-1),
+        "test_acc": test_acc,
         "train_loss": result.train_loss,
         "train_batch_acc": result.train_batch_acc,
         "labels": info.labels,
@@ -173,13 +183,22 @@ def score_arrays(result: EnsembleResult, info: DataInfo, min_count: int, thresho
         "low_count": by_epoch["low_count"],
         "original_index": info.original_index,
         "model_indices": result.model_indices,
-        "diverged": result.diverged,
+        "diverged": ~keep,
         "canary_index": info.canary_index,
         "canary_original_label": info.canary_original_label,
         **(result.heldout.scores() if result.heldout is not None else {}),
         **({"margin_sums": result.margin_sums.sums} if result.margin_sums is not None else {}),
         **margin,
     }
+
+
+def included(result: EnsembleResult) -> tuple[np.ndarray, PackedCorrectness]:
+    """(masks [K', N], training correctness [E, K', N]) of the included models (the run's own
+    arrays, no copy, when every model is included)."""
+    keep = ~result.diverged
+    if keep.all():
+        return result.masks, result.correct_train
+    return result.masks[keep], result.correct_train.select(models=keep)
 
 
 def fit_warning(train_acc: float | None, fit_threshold: float, subset: int) -> str | None:
@@ -207,11 +226,9 @@ def noise_floor(result: EnsembleResult, scores: dict, settings: dict
     if keep.sum() < 2:  # nothing to shuffle (and no scores): no samples, no floor
         return significance.null_counts(np.zeros((0, len(result.epochs)), np.int64),
                                         np.zeros(len(result.epochs), np.int64), settings["seed"])
-    masks, correct = result.masks, result.correct_train  # [E, K, N]: copied only when needed
-    if not keep.all():
-        masks, correct = masks[keep], correct[:, keep]
+    masks, correct = included(result)  # copied only when a model is excluded
     if not real.all():
-        masks, correct = masks[:, real], correct[..., real]
+        masks, correct = masks[:, real], correct.select(examples=real)
     return significance.permutation_null(
         masks, correct, settings["threshold"], settings["min_count"], settings["null_permutations"],
         settings["seed"])
@@ -254,9 +271,10 @@ def summary_metrics(result: EnsembleResult, scores: dict, settings: dict, wall: 
     recall = canary_recall(scores["memorization_by_epoch"][:, ~real], threshold)
     warnings = [fit_warning(fit[-1], settings["fit_threshold"], int(result.masks[0].sum())),
                 canary_warning(recall[-1] if recall else None, int((~real).sum()), threshold)]
-    final = result.margins[keep] if result.margins is not None else None
-    split = reliability.split_half(result.masks[keep], result.correct_train[-1][keep], final,
-                                   settings["seed"], real)
+    masks, correct = included(result)  # no copies when every model is included
+    final = None if result.margins is None else (
+        result.margins if keep.all() else result.margins[keep])
+    split = reliability.split_half(masks, correct[-1], final, settings["seed"], real)
     return {
         "warnings": [w for w in warnings if w],
         "reliability": split,

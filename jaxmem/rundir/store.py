@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,13 +23,13 @@ from jaxmem.errors import UserError
 from jaxmem.estimator import (
     DEFAULT_MIN_COUNT,
     DEFAULT_THRESHOLD,
-    correct_counts,
     membership_counts,
     memorization_scores,
 )
 from jaxmem.margins import MarginSums, memorization_margin
 from jaxmem.margins import logits as margin_logits
 from jaxmem.rundir import manifest
+from jaxmem.rundir.packed import PackedCorrectness
 from jaxmem.significance import margin_pvalues, memorized_at_fdr
 
 REQUIRED_FILES = ("config.json", "masks.npy", "scores.npz", "metrics.json")
@@ -44,7 +43,7 @@ def diverged_models(train_loss: np.ndarray) -> np.ndarray:
     return ~np.isfinite(np.asarray(train_loss, np.float64)).all(axis=0)
 
 
-class PackedEpochs(Sequence):
+class PackedEpochs(PackedCorrectness):
     """A run's correctness [E, K, N] as a lazy sequence of [K, N] bool arrays: the bit-packed
     file is read once and one epoch is unpacked at a time (CIFAR: 2,000 models x 50,000
     examples is 100 MB per epoch unpacked, 12.5 MB packed). `models`: rows to keep, `examples`:
@@ -56,18 +55,8 @@ class PackedEpochs(Sequence):
         if not os.path.exists(file):
             raise UserError(f"{path} has no correct_by_epoch.npz")
         with np.load(file) as packed:
-            self._bits, self._count = packed[split], int(packed[f"num_{split}"])
-        self._models, self._examples = models, examples
-
-    def __len__(self) -> int:
-        return len(self._bits)
-
-    def __getitem__(self, epoch):
-        if isinstance(epoch, slice):
-            return [self[e] for e in range(*epoch.indices(len(self)))]
-        bits = self._bits[epoch] if self._models is None else self._bits[epoch][self._models]
-        correct = np.unpackbits(bits, axis=-1, count=self._count).astype(bool)
-        return correct if self._examples is None else correct[:, self._examples]
+            bits, count = packed[split], int(packed[f"num_{split}"])
+        super().__init__(bits, count, models, examples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,8 +190,9 @@ class Run:
         if threshold == self.config.get("threshold", DEFAULT_THRESHOLD) and \
                 not np.isnan(stored).all():
             return stored
-        in_count, out_count = membership_counts(self.masks)
-        in_correct, out_correct = correct_counts(self.masks, self.correct_epochs()[position])
+        masks = np.asarray(self.masks)
+        in_count, out_count = membership_counts(masks)
+        in_correct, out_correct = self.correct_epochs().counts(masks, position)
         return margin_pvalues(in_correct, out_correct, in_count, out_count, threshold,
                               int(self.config.get("min_count", DEFAULT_MIN_COUNT)))
 
@@ -359,7 +349,8 @@ def read_record(path: str, name: str) -> dict:
 
 
 def save_run(path: str, config: dict, metrics: dict, arrays: dict[str, np.ndarray],
-             scores: dict[str, np.ndarray], correct_by_epoch: dict[str, np.ndarray]) -> None:
+             scores: dict[str, np.ndarray], correct_by_epoch: dict[str, PackedCorrectness]
+             ) -> None:
     """Write a run directory atomically and durably: everything goes to a sibling temporary
     folder, whose files are flushed to the disk, and which is renamed into place at the end
     (jaxmem/atomic.py), so an interrupted write, or a crash of the machine, never leaves a half
@@ -368,17 +359,19 @@ def save_run(path: str, config: dict, metrics: dict, arrays: dict[str, np.ndarra
     A full disk raises DiskFull naming `path` and about the bytes the directory needs; the
     temporary folder is removed.
 
-    arrays: name -> array saved as name.npy (masks, correct_train, correct_test, ...);
-    correct_by_epoch: split -> [E, K, N] bool, saved bit-packed in correct_by_epoch.npz.
+    arrays: name -> array saved as name.npy (masks, margins); correct_by_epoch: split ->
+    [E, K, N] packed correctness, saved as it is in correct_by_epoch.npz, its last epoch
+    unpacked block by block into correct_{split}.npy.
     """
     parent = os.path.dirname(os.path.abspath(path))
     packed = {}
     for split, correct in correct_by_epoch.items():
-        packed[split] = np.packbits(correct, axis=-1)
-        packed[f"num_{split}"] = np.int64(correct.shape[-1])
+        packed[split] = correct.packed()
+        packed[f"num_{split}"] = np.int64(correct.count)
     records = {"metrics.json": atomic.json_text(metrics), "config.json": atomic.json_text(config)}
+    last_epochs = sum(c.shape[1] * c.shape[2] for c in correct_by_epoch.values())
     needed = (atomic.npz_bytes(arrays) + atomic.npz_bytes(scores) + atomic.npz_bytes(packed)
-              + sum(len(text) for text in records.values()))
+              + last_epochs + sum(len(text) for text in records.values()))
     with atomic.room_for(path, needed):
         atomic.make_folder(parent)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
@@ -386,6 +379,8 @@ def save_run(path: str, config: dict, metrics: dict, arrays: dict[str, np.ndarra
             os.chmod(staging, atomic.umask_mode(0o777))  # mkdtemp's 0700 shuts out the group
             for name, value in arrays.items():
                 atomic.save_npy(os.path.join(staging, f"{name}.npy"), value)
+            for split, correct in correct_by_epoch.items():
+                save_rows(os.path.join(staging, f"correct_{split}.npy"), correct, -1)
             np.savez(os.path.join(staging, "scores.npz"), **scores)
             np.savez_compressed(os.path.join(staging, "correct_by_epoch.npz"), **packed)
             records["config.json"] = atomic.json_text(
@@ -397,3 +392,13 @@ def save_run(path: str, config: dict, metrics: dict, arrays: dict[str, np.ndarra
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+def save_rows(path: str, correct: PackedCorrectness, epoch: int) -> None:
+    """One epoch of packed correctness as a [K, N] bool .npy file, written block by block."""
+    _, models, examples = correct.shape
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(
+            np.dtype(bool)), "fortran_order": False, "shape": (models, examples)})
+        for rows in correct.unpacked_rows(epoch):
+            f.write(rows.tobytes())

@@ -20,6 +20,8 @@ def table_columns(run) -> dict[str, np.ndarray]:
     names = {"file_name": np.asarray(run.extra["file_names"])} if "file_names" in run.extra else {}
     with np.errstate(invalid="ignore", divide="ignore"):
         in_acc, out_acc = in_correct / run.in_count, out_correct / run.out_count
+    rank = np.zeros(num, np.int64)  # 0: a canary, not ranked
+    rank[run.ranking()] = np.arange(1, int(run.real.sum()) + 1)
     return {
         "index": np.arange(num),
         **names,
@@ -31,6 +33,9 @@ def table_columns(run) -> dict[str, np.ndarray]:
         "suggested_label_share": np.asarray(run.suggested_label_share),
         "memorization": np.asarray(run.memorization),
         "memorization_se": np.asarray(run.memorization_se),
+        "memorization_margin": np.asarray(run.memorization_margin),
+        "memorization_margin_se": np.asarray(run.memorization_margin_se),
+        "rank": rank,
         "threshold_pvalue": np.asarray(run.threshold_pvalue_by_epoch[-1]),
         "memorized_fdr": np.asarray(fdr_set, bool),
         "in_subset_acc": np.where(run.in_count > 0, in_acc, np.nan),

@@ -225,7 +225,7 @@ class PermutedCounts:
         def one(start):
             stop = min(start + self.block, self.num_examples)
             return start, stop, function(start, stop, self.memorized(start, stop))
-        workers = min(MAX_WORKERS, _cpus(), len(self.starts()))
+        workers = min(MAX_WORKERS, cpus(), len(self.starts()))
         if workers <= 1:
             return [one(start) for start in self.starts()]
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -250,7 +250,7 @@ def _ceil8(n: int) -> int:
     return -(-n // 8) * 8
 
 
-def _cpus() -> int:
+def cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -34,6 +34,7 @@ import shutil
 import sys
 import zipfile
 import zlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
@@ -128,10 +129,10 @@ class WorkDir:
         return [(os.path.join(self.path, name), range(int(m[1]), int(m[2])))
                 for name, m in found if m]
 
-    def finished(self) -> list[dict]:
-        """The arrays of every readable finished wave, each with its "model_indices". An
-        unreadable one is set aside with a warning naming it: its models train again."""
-        waves = []
+    def finished(self) -> Iterator[dict]:
+        """The arrays of every readable finished wave, each with its "model_indices", read one
+        file at a time. An unreadable one is set aside with a warning naming it: its models
+        train again."""
         for path, models in self._matches(_FINISHED):
             try:
                 with np.load(path) as archive:  # reading a member whole checks its CRC-32
@@ -143,12 +144,11 @@ class WorkDir:
                                 f"models {_span(models)} train again (each model is "
                                 "determined by the seed: the result is the same)")
                 continue
-            waves.append(arrays)
-        return waves
+            yield arrays
 
     def save_finished(self, arrays: dict) -> None:
         """A finished wave (arrays["model_indices"]: consecutive model indices); checkpoints
-        whose models are now all finished are deleted."""
+        whose models are now all finished (as the finished files' names say) are deleted."""
         models = arrays["model_indices"]
         atomic.write_npz(os.path.join(self.path, f"models-{models[0]}-{models[-1] + 1}.npz"),
                          **arrays)

@@ -15,14 +15,13 @@ import math
 import os
 import re
 
-from jaxmem.errors import UserError
+from jaxmem.sizes import parse_bytes
 
 # A cgroup limit at or above this is "no limit" (cgroup v1 writes 2^63 rounded down to a page).
 UNLIMITED = 2**60
 # (file name of the limit, of the usage, the memory.stat line of reclaimable page cache)
 CGROUP_FILES = {"v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
                 "v2": ("memory.max", "memory.current", "inactive_file")}
-SUFFIXES = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,21 +32,15 @@ class Budget:
     source: str
 
 
-def parse_bytes(text: str) -> int:
-    """Bytes of a size such as '6G', '6GiB', '1.5g', '512M' or '123456' (powers of 1024)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    if not match or float(match.group(1)) <= 0:
-        raise UserError(f"--host-memory must be a size such as 6G, 512M or 1.5GiB, got {text!r}")
-    return int(float(match.group(1)) * SUFFIXES[match.group(2)])
-
-
 def host_budget(explicit: str | None = None, root: str = "/",
                 environ: dict | None = None) -> Budget:
     """This process's share of the smallest of MemAvailable, the cgroup limits minus usage
-    and `explicit` (--host-memory), over the processes on the host."""
+    and `explicit` (--host-memory, the most the run may hold) minus what the process holds
+    (VmRSS), over the processes on the host: the bytes it may still add."""
     candidates = [available_memory(root), *cgroup_budgets(root)]
-    if explicit is not None:
-        candidates.append(Budget(parse_bytes(explicit), "--host-memory"))
+    if explicit is not None:  # the most the run may hold: what it holds now is spent
+        in_use = kib_field(os.path.join(root, "proc/self/status"), "VmRSS:") or 0
+        candidates.append(Budget(max(0, parse_bytes(explicit) - in_use), "--host-memory"))
     smallest = min(candidates, key=lambda b: b.bytes)
     processes = processes_per_host(os.environ if environ is None else environ)
     if processes == 1:

@@ -18,30 +18,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmem import estimator, keys, margins, models
-from jaxmem.canaries import real_examples
+from jaxmem import keys, margins, models
 from jaxmem.config import Config
 from jaxmem.data import Dataset
 from jaxmem.errors import UserError
 from jaxmem.rundir import EnsembleResult, Run, diverged_models
-from jaxmem.rundir.heldout import HeldoutSums, combine
+from jaxmem.rundir.heldout import HeldoutSums
 from jaxmem.rundir.record import TIMED_PARTS
 from jaxmem.train import lowering
 from jaxmem.train.checkpoint import Checkpoint, WorkDir
 from jaxmem.train.ensemble import Ensemble, make_mesh
+from jaxmem.train.finished import FinishedModels
 from jaxmem.train.optim import make_optimizer
 from jaxmem.train.orders import model_orders, steps_per_epoch
+from jaxmem.train.plan import RunPlan, plan_run
 from jaxmem.train.preemption import EXIT_PREEMPTED, Preempted, StopSignals
 from jaxmem.train.progress import Progress
 from jaxmem.train.step import StepSpec, StepTotals
-from jaxmem.train.waves import WavePlan, padded_size, peak_memory, reset_peak_memory
+from jaxmem.train.waves import WavePeaks, WavePlan, padded_size
 
 # Steps timed after the first (which compiles) for the plan's projected time.
 PLAN_WARMUP_STEPS = 3
 # Per-model arrays of a wave in progress (model axis second for [E, m, ...] / [epochs, m]);
 # a finished wave keeps only the last evaluation's margins ([m, N]) and their sums.
 WAVE_ARRAYS = ("correct_train", "correct_test", "margins", "train_loss", "train_batch_acc")
-STACKED_ARRAYS = ("correct_train", "correct_test", "train_loss", "train_batch_acc")
 
 
 class DivergedError(UserError):
@@ -83,6 +83,7 @@ class Trainer:
         # of one evaluation projected from a timed part of it (`_time_evaluation`)
         self.plan = None
         self._plan_clock = None  # (start, steps timed) while timing steps for the plan
+        self.peaks = WavePeaks(self.mesh.devices.flat)
 
     def empty_wave(self, count: int) -> dict[str, np.ndarray]:
         e, epochs = len(self.eval_epochs), self.config.epochs
@@ -99,10 +100,10 @@ class Trainer:
         """Train the models `indices` (consecutive model indices, masks [m, N]) as one wave,
         padded to a multiple of the device count (padding repeats the last model; its results
         are dropped), continuing `checkpoint` (which holds them all) if given. Returns the
-        wave's arrays. On a stop signal the wave is checkpointed at the step it reached and
-        `Preempted` is raised."""
+        wave's arrays, its correctness bit-packed. On a stop signal the wave is checkpointed at
+        the step it reached and `Preempted` is raised."""
         config, ensemble = self.config, self.ensemble
-        reset_peak_memory()
+        self.peaks.start()
         rows = np.minimum(np.arange(padded_size(len(indices), ensemble.num_devices)),
                           len(indices) - 1)
         wave_indices = indices[rows]
@@ -156,10 +157,12 @@ class Trainer:
             if stop.stopping:
                 raise Preempted(stopped(stop, work, f"models {models.start}..{models.stop - 1} "
                                         f"checkpointed after epoch {epoch}"))
-        result["peak_memory_bytes"] = np.int64(peak_memory(self.mesh.devices.flat) or -1)
+        result["peak_memory_bytes"] = np.int64(self.peaks.wave_peak() or -1)
         included = ~diverged_models(result["train_loss"])  # known once the wave is trained
         result["margin_sums"] = margins.MarginSums.of(result["margins"], masks, included).sums
         result["margins"] = result["margins"][-1]
+        for name in ("correct_train", "correct_test"):  # finished: kept bit-packed
+            result[name] = np.packbits(result[name], axis=-1)
         return result
 
     def _checkpoint(self, work: WorkDir | None, models: range, position: int, states, totals,
@@ -337,16 +340,19 @@ def stopped(stop: StopSignals, work: WorkDir | None, what: str) -> str:
 
 def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=None,
                    progress: bool = True, work: WorkDir | None = None,
-                   prior: Run | None = None, canary_index=()) -> EnsembleResult:
+                   prior: Run | None = None, canary_index=(), out: str | None = None
+                   ) -> EnsembleResult:
     """Train the models config.model_indices(), whose subsets are the rows of masks [K, N].
 
     Models finished in `work` are reused by model index and a checkpoint of a wave in
     progress is continued at the step it reached, whatever the wave layout now; only the
     remaining models train. A checkpoint of more models than the wave size now allows is
     continued in chunks of that size (restored on the host): a smaller size is what a resume
-    after running out of memory asks for. The size of every wave comes from a `WavePlan`: the
-    memory budget, planned again after every wave from its measured peak. With a work
-    directory, SIGTERM and SIGUSR1 checkpoint the step in progress and raise `Preempted`.
+    after running out of memory asks for. Before the first step the run is planned
+    (train/plan.py: device, host and disk; refused when they cannot hold it) and the size of
+    every wave comes from a `WavePlan`, planned again after every wave from its measured peak.
+    With a work directory, SIGTERM and SIGUSR1 checkpoint the step in progress and raise
+    `Preempted`. `out`: the run directory to be written (its disk is planned beside `work`).
 
     With config.until_se, waves stop as soon as every real example's (canaries left out)
     standard error is below it, counting the models of `prior` (a finished run these models
@@ -357,75 +363,98 @@ def train_ensemble(config: Config, dataset: Dataset, masks: np.ndarray, devices=
         raise ValueError(f"masks {masks.shape} do not match {len(indices)} models x "
                          f"{dataset.num_train} examples")
     trainer = Trainer(config, dataset, devices)
-    wave_size = WavePlan()
-    row_of = {int(k): row for row, k in enumerate(indices)}
-    done = work.finished() if work else []
-    for arrays in done:
-        arrays["masks"] = masks[[row_of[int(k)] for k in arrays["model_indices"]]]
-    finished = {int(k) for arrays in done for k in arrays["model_indices"]}
-    todo = [int(k) for k in indices if int(k) not in finished]
-    before = [] if prior is None else [{
-        "masks": np.asarray(prior.masks), "correct_train": prior.correct_train[None],
-        "train_loss": prior.train_loss}]
+    finished = FinishedModels(indices, masks, trainer.eval_epochs, config.epochs,
+                              dataset.num_test, prior)
     bar = Progress(progress)
-    if done:
-        bar.write(f"resume: {len(finished)} finished models reused")
+    resume(finished, work, bar)
+    sizes, run_plan = WavePlan(), None
     active = work is not None and threading.current_thread() is threading.main_thread()
-    first_wave = True
     with StopSignals(active) as stop, contextlib.closing(bar):
-        while todo:
-            if config.until_se is not None and done and below_target_se(
-                    before + done, config, canary_index):
-                bar.write(f"every standard error is below {config.until_se} after "
-                          f"{sum(len(w['masks']) for w in before + done)} models")
-                break
+        while finished.todo() and not reached_target(config, finished, canary_index, bar):
             if stop.stopping:
                 raise Preempted(stopped(stop, work, "finished models are saved"))
-            size = wave_size(trainer, len(todo))
-            if first_wave and wave_size.memory is not None:
-                bar.write(wave_size.memory.line())
-            checkpoints = work.checkpoints() if work else []
-            checkpoint = resumable(checkpoints, todo)
-            wave = np.asarray([k for k in todo if checkpoint is None or k in checkpoint.models]
-                              [:size])
-            if checkpoint is None:  # stop before models that a checkpoint holds
-                held = [k for c in checkpoints for k in c.models]
-                wave = wave[:next((i for i, k in enumerate(wave) if k in held), len(wave))]
-            bar.expect(math.ceil(len(todo) / size) * config.epochs * trainer.steps)
-            if first_wave:  # the plan of this invocation, printed once a step is timed
-                first_wave = False
-                trainer.plan = functools.partial(write_plan, bar, config, trainer, len(todo),
-                                                 size)
-            arrays = trainer.train_wave(wave, masks[[row_of[k] for k in wave]], bar, stop,
-                                        work, checkpoint)
-            arrays["model_indices"] = wave
-            if work:
-                work.save_finished(arrays)
-            arrays["masks"] = masks[[row_of[k] for k in wave]]
-            done.append(arrays)
-            todo = [k for k in todo if k not in set(wave.tolist())]
-            peak = int(arrays["peak_memory_bytes"])
-            replanned = wave_size.finished(peak if peak >= 0 else None,
-                                           padded_size(len(wave), trainer.ensemble.num_devices),
-                                           len(todo))
-            if replanned:
-                bar.write(replanned)
-    everything = {name: np.concatenate([a[name] for a in done], axis=1)
-                  for name in STACKED_ARRAYS}
-    models = np.concatenate([a["model_indices"] for a in done]).astype(int)
-    order = np.argsort(models)
-    stacked = {name: array[:, order] for name, array in everything.items()}
-    kept = all("margins" in a for a in done)  # finished before margins were kept: none
-    final_margins = np.concatenate([a["margins"] for a in done])[order] if kept else None
-    return EnsembleResult(
-        models[order], masks[[row_of[k] for k in models[order]]], trainer.eval_epochs,
-        stacked["correct_train"], stacked["correct_test"], stacked["train_loss"],
-        stacked["train_batch_acc"],
-        {part: float(sum(a[f"{part}_seconds"] for a in done)) for part in TIMED_PARTS},
-        [str(d) for d in trainer.mesh.devices.flat],
-        [int(a["peak_memory_bytes"]) if a["peak_memory_bytes"] >= 0 else None for a in done],
-        memory_plan=wave_size.record(), heldout=combine(done),
-        margins=final_margins, margin_sums=margins.combine(done))
+            if run_plan is None:
+                run_plan = plan(trainer, sizes, finished, work, out, bar)
+            train_next_wave(trainer, sizes, run_plan, finished, work, bar, stop)
+    record = None if run_plan is None else {**sizes.record(), **run_plan.record()}
+    return finished.result(record, [str(d) for d in trainer.mesh.devices.flat])
+
+
+def resume(finished: FinishedModels, work: WorkDir | None, bar: Progress) -> None:
+    """Add the waves finished in `work` (one file at a time) to `finished`."""
+    for arrays in work.finished() if work else ():
+        finished.add(arrays)
+    if finished.count:
+        bar.write(f"resume: {finished.count} finished models reused")
+
+
+def reached_target(config: Config, finished: FinishedModels, canary_index, bar: Progress
+                   ) -> bool:
+    """--until-se: is every standard error below the target now (said on the log)?"""
+    if config.until_se is None or not finished.standard_errors_below(
+            config.until_se, config.min_count, canary_index):
+        return False
+    bar.write(f"every standard error is below {config.until_se} after "
+              f"{finished.count + finished.prior_models} models")
+    return True
+
+
+def plan(trainer: Trainer, sizes: WavePlan, finished: FinishedModels, work: WorkDir | None,
+         out: str | None, bar: Progress) -> RunPlan:
+    """The whole run's plan before its first step (train/plan.py), printed; refused (a
+    UserError) when the host or the disk cannot hold it."""
+    run_plan = plan_run(trainer, sizes, len(finished.indices), len(finished.todo()),
+                        work.path if work else None, out)
+    bar.write(run_plan.line())
+    try:
+        run_plan.check()
+    except UserError:
+        if work and not work.holds_work():  # refused before any work: nothing to resume
+            work.remove()
+        raise
+    return run_plan
+
+
+def train_next_wave(trainer: Trainer, sizes: WavePlan, run_plan: RunPlan,
+                    finished: FinishedModels, work: WorkDir | None, bar: Progress,
+                    stop: StopSignals) -> None:
+    """Train the next wave of the models still to train (its size from `sizes`, a wave in
+    progress in `work` continued), save it, add it to `finished` and plan the next size from
+    its measured peak."""
+    config, todo = trainer.config, finished.todo()
+    first = not sizes.trained
+    size = sizes(trainer, len(todo))
+    wave, checkpoint = next_wave(todo, size, work)
+    bar.expect(math.ceil(len(todo) / size) * config.epochs * trainer.steps)
+    if first:  # the timed plan of this invocation, printed once a step is timed
+        trainer.plan = functools.partial(write_plan, bar, config, trainer, len(todo), size)
+    held = run_plan.held_since(finished.count)
+    arrays = trainer.train_wave(wave, finished.masks[finished.rows_of(wave)], bar, stop, work,
+                                checkpoint)
+    arrays["model_indices"] = wave
+    if work:
+        work.save_finished(arrays)
+    finished.add(arrays)
+    peak = int(arrays["peak_memory_bytes"])
+    replanned = sizes.finished(peak if peak >= 0 else None,
+                               padded_size(len(wave), trainer.ensemble.num_devices),
+                               len(finished.todo()), held)
+    if replanned:
+        bar.write(replanned)
+
+
+def next_wave(todo: list[int], size: int, work: WorkDir | None
+              ) -> tuple[np.ndarray, Checkpoint | None]:
+    """The models of the next wave (up to `size` of `todo`, in order) and the checkpoint it
+    continues: the one holding its first model, else none, and then the wave stops before
+    models that a checkpoint holds."""
+    checkpoints = work.checkpoints() if work else []
+    checkpoint = resumable(checkpoints, todo)
+    wave = np.asarray([k for k in todo if checkpoint is None or k in checkpoint.models][:size])
+    if checkpoint is None:
+        held = [k for c in checkpoints for k in c.models]
+        wave = wave[:next((i for i, k in enumerate(wave) if k in held), len(wave))]
+    return wave, checkpoint
 
 
 def resumable(checkpoints: list[Checkpoint], todo: list[int]) -> Checkpoint | None:
@@ -459,17 +488,3 @@ def plan_line(config: Config, trainer: Trainer, models: int, per_wave: int,
 def duration(seconds: float) -> str:
     return (f"{seconds / 3600:.1f} h" if seconds >= 3600 else
             f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s")
-
-
-def below_target_se(waves: list[dict], config: Config, canary_index=()) -> bool:
-    """Is the largest per-example standard error (last evaluated epoch) of the models of
-    `waves` (each with masks [m, N], correct_train [E, m, N], train_loss [epochs, m]) below
-    --until-se? Excluded (diverged) models and the canaries do not count."""
-    masks = np.concatenate([w["masks"] for w in waves])
-    correct = np.concatenate([w["correct_train"][-1] for w in waves])
-    losses = np.concatenate([w["train_loss"] for w in waves], axis=1)
-    keep = ~diverged_models(losses)
-    real = real_examples(masks.shape[1], canary_index)
-    scores = estimator.memorization_scores(masks[keep][:, real], correct[keep][:, real],
-                                           config.min_count)
-    return not scores["low_count"].any() and np.nanmax(scores["memorization_se"]) < config.until_se

@@ -137,7 +137,7 @@ def train_and_evaluate(config: Config, out: str, overwrite: bool = False,
             **info.fingerprints, **result_fingerprints(masks, config.to_dict())}}, resume,
             overwrite) as work:
         result = train_ensemble(config, dataset, masks, progress=progress, work=work,
-                                prior=prior, canary_index=planted.index)
+                                prior=prior, canary_index=planted.index, out=out)
         write_run(out, config.to_dict(), info, result, time.perf_counter() - started,
                   {**provenance(config, info), **(recorded or {})}, [[started_at, time.time()]])
         work.remove()

@@ -1,6 +1,12 @@
 """Wave planning: how many models train at once, from the compiled step's memory use and the
 memory budget (a device's free memory, or the host's: host_memory.py), and again from the
-measured peak of a finished wave (MemoryPlan.wave_size_after)."""
+measured peak of a finished wave (MemoryPlan.wave_size_after).
+
+The dataset is on every device once, whatever the wave size, so it is no cost per model: the
+budget is read after it was put there, and the compiled programs' sizes leave it out. On CPU
+the devices are the host, whose budget also holds the run's results until its directory is
+written (train/plan.py): waves get what those leave.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxmem.sizes import gib
 from jaxmem.train import host_memory
 from jaxmem.train import step as step_lib
 
@@ -32,34 +39,46 @@ class WavePlan:
     def __init__(self):
         self.memory: MemoryPlan | None = None
         self.size = 0
-        self.trained: list[tuple[int | None, int]] = []  # (peak bytes, padded models) per wave
+        # (peak bytes, padded models, results held) per wave
+        self.trained: list[tuple[int | None, int, int]] = []
+
+    def plan(self, trainer, remaining: int, reserved: int = 0, host_per_model: int = 0
+             ) -> MemoryPlan:
+        """The first plan (plan_memory), for `remaining` models; on CPU, `reserved` bytes of
+        the host budget are the run's own and every model of a wave holds `host_per_model`
+        bytes of host arrays besides its compiled programs' memory."""
+        self.memory = plan_memory(trainer, remaining, reserved, host_per_model)
+        self.size = self.memory.wave_size
+        return self.memory
 
     def __call__(self, trainer, remaining: int) -> int:
         if self.memory is None:
-            self.memory = plan_memory(trainer, remaining)
-            self.size = self.memory.wave_size
+            self.plan(trainer, remaining)
         return min(self.size, remaining)
 
-    def finished(self, peak: int | None, padded: int, remaining: int) -> str | None:
-        """Record a trained wave's peak memory (None: unknown) and plan the next waves from
-        it; returns a line for the log when the wave size changes."""
-        self.trained.append((peak, padded))
-        if not remaining:
+    def finished(self, peak: int | None, padded: int, remaining: int, held: int = 0
+                 ) -> str | None:
+        """Record a trained wave's own peak memory (None: unknown, e.g. on a GPU a wave that
+        stayed below an earlier wave's peak) and plan the next waves from it; held: bytes of
+        results the host gained since the plan, before this wave (CPU: inside its peak, not
+        its models' cost). Returns a line for the log when the wave size changes."""
+        self.trained.append((peak, padded, held))
+        measured = self.memory.measured_bytes_per_model(peak, padded, held)
+        if not remaining or measured is None:  # nothing new: the size stands
             return None
-        size = self.memory.wave_size_after(peak, padded, remaining)
+        size = self.memory.wave_size_after(peak, padded, remaining, held)
         previous, self.size = min(self.size, remaining), size
         if size == previous:
             return None
-        measured = self.memory.measured_bytes_per_model(peak, padded)
-        return (f"memory: a wave of {padded} models took {measured / 2**30:.3f} GiB per model "
-                f"-> waves of up to {size} models")
+        return (f"memory: a wave of {padded} models took {gib(measured)} per model -> waves of "
+                f"up to {size} models")
 
     def record(self) -> dict | None:
         """metrics.json's account of the plan (None when no wave was trained here)."""
         if self.memory is None:
             return None
-        peaks, padded = zip(*self.trained, strict=True) if self.trained else ((), ())
-        return self.memory.record(list(peaks), list(padded))
+        peaks, padded, held = zip(*self.trained, strict=True) if self.trained else ((), (), ())
+        return self.memory.record(list(peaks), list(padded), list(held))
 
 
 # Share of the free memory a wave may plan to use from the compiled memory analysis (the rest:
@@ -67,8 +86,8 @@ class WavePlan:
 MEMORY_FRACTION = 0.7
 # On CPU the compiled memory analysis undercounts what the process holds (1,400 images of
 # 16x16x3, batch 32: planned ~0.26 GB per model, resident peak 17.2 GiB for 48 models, ~0.36),
-# so a first plan from it offers only this share of the host budget.
-HOST_MEMORY_SHARE = 0.7
+# so a first plan from it counts each model's compiled bytes this many times.
+HOST_RESIDENT_FACTOR = 1 / 0.7
 # Share of the budget a wave may use when planned from a finished wave's measured peak (which
 # counts everything the wave held; the rest absorbs the peak's variation between waves).
 MEASURED_FRACTION = 0.85
@@ -80,7 +99,11 @@ class MemoryPlan:
     on GPU/TPU its free memory, on CPU the host budget (host_memory.host_budget) split over the
     CPU devices, which share one process's resident memory (`shared`). `baseline` is the memory
     in use when the budget was read (the device's bytes in use, or the process's resident
-    memory), so a wave's peak minus it is what the wave's models added."""
+    memory), so a wave's peak minus it is what the wave's models added. `reserved`: bytes of
+    each CPU device's budget the run's results take (none on GPU/TPU, whose results live on
+    the host). `planned_bytes_per_model`: one model's compiled programs (the dataset left
+    out; on CPU times HOST_RESIDENT_FACTOR, plus its host arrays), None where
+    --models-per-wave was given."""
 
     wave_size: int
     budget: host_memory.Budget
@@ -88,41 +111,45 @@ class MemoryPlan:
     shared: bool
     baseline: int | None
     planned_bytes_per_model: int | None
+    reserved: int = 0
 
-    def measured_bytes_per_model(self, peak: int | None, padded: int) -> int | None:
+    @property
+    def room(self) -> int:
+        """Bytes of one device's budget that waves may use."""
+        return max(0, self.budget.bytes - self.reserved)
+
+    def measured_bytes_per_model(self, peak: int | None, padded: int, held: int = 0
+                                 ) -> int | None:
         """Peak bytes one model of a finished wave of `padded` models added over the baseline
-        (None where the peak or baseline is unknown)."""
+        and the `held` bytes of results gained since (None where the peak or baseline is
+        unknown)."""
         if peak is None or peak < 0 or self.baseline is None:
             return None
         per_pool = padded if self.shared else max(1, padded // self.devices)
-        return max(1, (peak - self.baseline) // per_pool)
+        return max(1, (peak - self.baseline - held) // per_pool)
 
-    def wave_size_after(self, peak: int | None, padded: int, remaining: int) -> int:
+    def wave_size_after(self, peak: int | None, padded: int, remaining: int, held: int = 0
+                        ) -> int:
         """Models per wave for the `remaining` models, from the measured peak of a finished wave
         of `padded` models (the plan's wave size where it is unknown or the size was given)."""
-        measured = self.measured_bytes_per_model(peak, padded)
+        measured = self.measured_bytes_per_model(peak, padded, held)
         if measured is None or self.planned_bytes_per_model is None:
             return min(remaining, self.wave_size)
-        return fitting_models(MEASURED_FRACTION * self.budget.bytes, measured, self.devices,
-                              remaining)
+        return fitting_models(MEASURED_FRACTION * self.room, measured, self.devices, remaining)
 
     @property
     def budget_bytes(self) -> int:
         """The budget of the process (CPU: all its devices) or of one device (GPU, TPU)."""
         return self.budget.bytes * (self.devices if self.shared else 1)
 
-    def line(self) -> str:
-        """One line for the log: the budget, where it came from and the wave size."""
-        per = "" if self.shared else " per device"
-        guess = (f", planned {self.planned_bytes_per_model / 2**30:.3f} GiB per model"
-                 if self.planned_bytes_per_model else ", --models-per-wave given")
-        return (f"memory: budget {self.budget_bytes / 2**30:.2f} GiB{per} from "
-                f"{self.budget.source}{guess} -> waves of up to {self.wave_size} models")
-
-    def record(self, peaks: list[int | None], padded: list[int]) -> dict:
+    def record(self, peaks: list[int | None], padded: list[int], held: list[int] | None = None
+               ) -> dict:
         """metrics.json's account of the plan: budget per process, its source, the bytes
-        per model planned and the largest measured over the finished waves."""
-        measured = [self.measured_bytes_per_model(p, n) for p, n in zip(peaks, padded, strict=True)]
+        per model planned and the largest measured over the finished waves (of `padded`
+        models each, `held` bytes of results gained before each)."""
+        held = held or [0] * len(peaks)
+        measured = [self.measured_bytes_per_model(p, n, h)
+                    for p, n, h in zip(peaks, padded, held, strict=True)]
         measured = [m for m in measured if m is not None]
         return {"budget_bytes": self.budget_bytes,
                 "budget_source": self.budget.source, "budget_per": "process" if self.shared
@@ -131,20 +158,26 @@ class MemoryPlan:
                 "measured_peak_bytes_per_model": max(measured) if measured else None}
 
 
-def plan_memory(trainer, num_models: int) -> MemoryPlan:
+def plan_memory(trainer, num_models: int, reserved: int = 0, host_per_model: int = 0
+                ) -> MemoryPlan:
     """The wave size of `num_models` models: --models-per-wave if given, else as many as fit
     one device's budget by the compiled train step's and evaluation's memory use for one model
-    per device (on CPU, HOST_MEMORY_SHARE of it: the analysis undercounts resident memory)."""
+    per device (the dataset left out). On CPU `reserved` bytes of the host's budget are kept
+    for the run's results, and a model costs HOST_RESIDENT_FACTOR times its compiled bytes
+    (the analysis undercounts resident memory) plus `host_per_model` bytes of host arrays."""
     config, devices = trainer.config, list(trainer.mesh.devices.flat)
     count = len(devices)
     budget, shared = free_memory(devices, config.host_memory)
     baseline = memory_in_use(devices)
+    kept = reserved // count if shared else 0
     if config.models_per_wave:
-        return MemoryPlan(config.models_per_wave, budget, count, shared, baseline, None)
+        return MemoryPlan(config.models_per_wave, budget, count, shared, baseline, None, kept)
     per_model = max(compiled_bytes(trainer, count), 1)
-    offered = MEMORY_FRACTION * budget.bytes * (HOST_MEMORY_SHARE if shared else 1.0)
-    return MemoryPlan(fitting_models(offered, per_model, count, num_models), budget, count,
-                      shared, baseline, per_model)
+    if shared:
+        per_model = int(HOST_RESIDENT_FACTOR * per_model) + host_per_model
+    plan = MemoryPlan(0, budget, count, shared, baseline, per_model, kept)
+    return dataclasses.replace(plan, wave_size=fitting_models(MEMORY_FRACTION * plan.room,
+                                                              per_model, count, num_models))
 
 
 def fitting_models(offered: float, per_model: int, devices: int, num_models: int) -> int:
@@ -156,7 +189,8 @@ def fitting_models(offered: float, per_model: int, devices: int, num_models: int
 def compiled_bytes(trainer, count: int) -> int:
     """Bytes one device needs for one model: the larger of the compiled train step and the
     compiled evaluation (arguments + outputs - aliased + temporaries), with `count` models on
-    `count` devices."""
+    `count` devices, less the dataset both take as arguments (on every device once, whatever
+    the wave size: `dataset_bytes`)."""
     ensemble = trainer.ensemble
     sharded = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dtype, sharding=ensemble.model_sharding)
@@ -168,7 +202,14 @@ def compiled_bytes(trainer, count: int) -> int:
         keys_shape, trainer.x_train, trainer.y_train, 0).compile()
     ids = jax.ShapeDtypeStruct((trainer.eval_batch_size,), jnp.int32)
     evaluate = ensemble.evaluate.lower(states, trainer.x_train, trainer.y_train, ids).compile()
-    return max(_bytes(train.memory_analysis()), _bytes(evaluate.memory_analysis()))
+    dataset = trainer.x_train.nbytes + trainer.y_train.nbytes
+    return max(_bytes(train.memory_analysis()), _bytes(evaluate.memory_analysis())) - dataset
+
+
+def dataset_bytes(trainer) -> int:
+    """Bytes of the dataset on each device (training and test images and labels)."""
+    return sum(a.nbytes for a in (trainer.x_train, trainer.y_train, trainer.x_test,
+                                  trainer.y_test))
 
 
 def _bytes(usage) -> int:
@@ -209,11 +250,34 @@ def reset_peak_memory() -> None:
         pass
 
 
-def peak_memory(devices) -> int | None:
-    """Largest peak bytes in use over the devices where the backend reports it (GPU, TPU), else
-    the process's peak resident memory since `reset_peak_memory` (VmHWM; None if unknown)."""
+def peak_memory(devices) -> tuple[int | None, bool]:
+    """(Largest peak bytes in use over the devices where the backend reports it (GPU, TPU),
+    else the process's peak resident memory since `reset_peak_memory` (VmHWM; None if
+    unknown), whether that peak was reset: False for device peaks, which last the process's
+    lifetime)."""
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
     peaks = [p for p in peaks if p is not None]
     if peaks:
-        return max(peaks)
-    return host_memory.kib_field("/proc/self/status", "VmHWM:")
+        return max(peaks), False
+    return host_memory.kib_field("/proc/self/status", "VmHWM:"), True
+
+
+class WavePeaks:
+    """Each wave's own peak memory. On CPU the resident peak is reset when a wave starts; a
+    GPU's or TPU's peak is the process's highest so far, which tells a wave's own peak only
+    where the wave raised it: a wave below an earlier wave's peak has an unknown peak (None),
+    never the earlier wave's."""
+
+    def __init__(self, devices):
+        self.devices, self.highest = list(devices), None
+
+    def start(self) -> None:
+        reset_peak_memory()
+
+    def wave_peak(self) -> int | None:
+        peak, reset = peak_memory(self.devices)
+        if peak is None or reset:
+            return peak
+        own = peak if self.highest is None or peak > self.highest else None
+        self.highest = peak if self.highest is None else max(self.highest, peak)
+        return own
