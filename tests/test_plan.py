@@ -80,11 +80,11 @@ def test_a_run_the_disk_cannot_hold_exits_2_in_one_line(tmp_path, monkeypatch, c
              y_test=DATASET.y_test)
     asked = []
 
-    def disk_usage(path):
+    def free_bytes(path):
         asked.append(path)
-        return type("Usage", (), {"free": 2**19})()
+        return 2**19
 
-    monkeypatch.setattr(plan.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(plan, "free_bytes", free_bytes)
     never_trained(monkeypatch)
     out = tmp_path / "runs" / "run"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in CONFIG.items()]

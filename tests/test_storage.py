@@ -314,8 +314,7 @@ def test_a_disk_that_fills_during_a_checkpoint_stops_with_75_and_loses_nothing(
     kept = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
     filler = fill(small_disk, size_of(folder, "4.npz") // 2)
     # Another job fills the disk after the plan's check: the plan saw room, the write finds none.
-    free = shutil.disk_usage(small_disk)._replace(free=1 << 30)
-    monkeypatch.setattr("jaxmem.train.plan.shutil.disk_usage", lambda path: free)
+    monkeypatch.setattr("jaxmem.train.plan.free_bytes", lambda path: 1 << 30)
     flags = [*flags_for(npz, **EVERY_EPOCH), f"--out={out}", "--no-progress", "--resume"]
     assert cli.main(flags) == 75  # the checkpoint after epoch 3 does not fit
     error = capsys.readouterr().err.splitlines()[-1]

@@ -28,11 +28,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 
+from jaxmem.atomic import free_bytes
 from jaxmem.errors import UserError
 from jaxmem.margins import SUM_BLOCK_BYTES, SUM_NAMES
 from jaxmem.rundir.heldout import ADD_BLOCK_BYTES
@@ -291,7 +291,7 @@ def disk_needs(shapes: RunShapes, null_permutations: int, remaining: int, wave: 
              "replaced run directory": replaced, "present": folder_bytes(work)}
     items["total"] = finished + max(checkpoints, run_dir + replaced)
     path = existing_parent(out or work)
-    return items, path, shutil.disk_usage(path).free
+    return items, path, free_bytes(path)
 
 
 def folder_bytes(path: str) -> int:
