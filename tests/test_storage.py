@@ -157,6 +157,22 @@ def test_an_unreadable_record_of_the_work_is_one_line(tmp_path):
         WorkDir(work, RECORD, resume=True)
 
 
+def test_work_without_its_record_is_refused_not_adopted(tmp_path):
+    """A checkpoint that a dying run wrote after its folder was removed carries no record of
+    the settings and data it belongs to: a new run must not continue it."""
+    work = str(tmp_path / "w")
+    with WorkDir(work, RECORD, resume=False) as opened:
+        opened.save_checkpoint(range(0, 2), 2, {"w": np.ones((2, 3))}, {"x": np.zeros(2)})
+    os.remove(os.path.join(work, "record.json"))
+    for resume in (False, True):
+        with pytest.raises(UserError, match=r"w holds checkpoint-models-0-2 but no record\.json, "
+                                            r"so that work cannot be checked against this run; "
+                                            r"start again with --overwrite$"):
+            WorkDir(work, RECORD, resume=resume)
+    with WorkDir(work, RECORD, resume=False, overwrite=True) as opened:
+        assert opened.checkpoints() == []
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(npz, tmp_path_factory):  # noqa: F811
     return load_run(run(config_for(npz, **EVERY_EPOCH),

@@ -106,6 +106,11 @@ class WorkDir:
                                 "with --overwrite") from None
             check_same(saved, record["fingerprints"], "refusing to resume")
         else:
+            unrecorded = [name for name in os.listdir(self.path) if name != LOCK]
+            if unrecorded:  # e.g. a checkpoint written by a run whose folder was removed
+                raise UserError(f"{self.path} holds {', '.join(sorted(unrecorded)[:3])} but no "
+                                "record.json, so that work cannot be checked against this run; "
+                                "start again with --overwrite")
             atomic.write_json(record_path, record)
 
     def close(self) -> None:
