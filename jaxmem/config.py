@@ -73,7 +73,7 @@ class Config:
                                    "subset, so 0.99 can leave all of them unfitted")
     # scale-out and fault tolerance
     model_range: str | None = setting(None, "START:END: train only these models (a job-array "
-                                      "part; combine parts with experiments/merge.py)")
+                                      "part; combine parts with experiments/cluster/merge.py)")
     until_se: float | None = setting(None, "add waves until every score's standard error is "
                                      "below this (or --num-models is reached)")
     checkpoint_seconds: float = setting(300.0, "checkpoint a wave in progress after an epoch "

@@ -379,7 +379,8 @@ def load_reproduce():
 
 
 def test_no_bootstrap_interval_covers_the_memorized_count():
-    """Why the count has no band: the coverage simulation of experiments/count_intervals.py
+    """Why the count has no band: the coverage simulation of
+    experiments/benchmarks/count_intervals.py
     (known per-example p_in, p_out; K = 128, N = 600; 200 simulated runs, 30 resamples each).
     Measured with seed 0: the number of examples whose true score exceeds 0.25 (105) is
     covered by the percentile bootstrap (the band jaxmem used to show) in 0% of runs and by the
@@ -388,7 +389,8 @@ def test_no_bootstrap_interval_covers_the_memorized_count():
     (sqrt(2) wider) in 95.5% here, but the expected value in 92.5% and 91.5% at K = 128 and
     512 with N = 1,000 (BENCHMARKS.md), and it says nothing about the examples truly
     memorized."""
-    result = load_script("experiments", "count_intervals.py").coverage(128, 600, 200, 30, 0)
+    script = load_script("experiments", "benchmarks", "count_intervals.py")
+    result = script.coverage(128, 600, 200, 30, 0)
     assert result["true"] == 105 and abs(result["expected"] - 88.1) < 0.05
     assert abs(result["count_mean"] - result["expected"]) < 1.0  # the exact target is right
     assert result["percentile_true"] == 0.0 and result["normal_true"] <= 0.05

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "experiments", f"{name}.py"))
+        name, os.path.join(ROOT, "experiments", "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -96,9 +96,9 @@ def test_pytorch_baseline_has_the_same_parameters_as_the_jaxmem_model(arch):
 
 
 def test_the_rehearsal_writes_and_loads_its_synthetic_run(tmp_path):
-    """experiments/rehearsal.py's write and load steps at a tiny shape, in this process: the
-    synthetic run has its planted memorized examples and pairs, and the plan's prediction
-    covers what the process held."""
+    """experiments/benchmarks/rehearsal.py's write and load steps at a tiny shape, in this
+    process: the synthetic run has its planted memorized examples and pairs, and the plan's
+    prediction covers what the process held."""
     rehearsal = load_script("rehearsal")
     args = rehearsal.parse_args([f"--out={tmp_path}", "--num-models=48", "--num-train=400",
                                  "--num-test=60", "--evaluations=3"])

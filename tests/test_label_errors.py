@@ -1,5 +1,5 @@
-"""experiments/label_errors.py: its data, folds and rankings (the measurement itself is in
-BENCHMARKS.md; cleanlab is not a dependency, so its part runs only where it is installed)."""
+"""experiments/benchmarks/label_errors.py: its data, folds and rankings (the measurement itself is
+in BENCHMARKS.md; cleanlab is not a dependency, so its part runs only where it is installed)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""experiments/slurm/ensemble_array.sh without SLURM: its part and merge commands on one machine
+"""experiments/cluster/ensemble_array.sh without SLURM: its part and merge commands on one machine
 (SLURM_ARRAY_TASK_ID set by hand), and its requeue after a checkpointed exit (status 75) with a
 stand-in for the run and for scontrol."""
 
@@ -15,7 +15,7 @@ from jaxmem.config import Config
 from jaxmem.masks import run_masks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "slurm", "ensemble_array.sh")
+SCRIPT = os.path.join(ROOT, "experiments", "cluster", "ensemble_array.sh")
 RUN_ARGS = "--arch=tiny_cnn --epochs=1 --batch-size=64 --min-count=2 --null-permutations=2"
 
 

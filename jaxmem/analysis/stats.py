@@ -5,8 +5,8 @@ families and sizes (Figure 1), and the correlation of memorization with the trai
 
 The counts carry no interval: a percentile bootstrap over models does not cover (resampling
 duplicates models and pushes more examples over the threshold), and no interval whose coverage
-was measured (experiments/count_intervals.py, numbers in BENCHMARKS.md) reached its nominal
-rate. What noise alone gives is the permutation null (`noise_floor`).
+was measured (experiments/benchmarks/count_intervals.py, numbers in BENCHMARKS.md) reached its
+nominal rate. What noise alone gives is the permutation null (`noise_floor`).
 
 Every count is recomputed from the estimator's inputs (masks and correctness) through
 `jaxmem.estimator`, so a statistic here never disagrees with the stored scores.

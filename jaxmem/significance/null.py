@@ -135,7 +135,7 @@ def _check_permutations(perms, num_models: int) -> np.ndarray:
 #
 # in_correct[r, e, i] = sum_k masks[perm[r, k], i] correct[e, k, i] differs per example in both
 # factors, so it is no product with a shared operand (unlike a bootstrap's [R, K] model
-# multiplicities, experiments/count_intervals.py): as float32 matrices it is one small
+# multiplicities, experiments/benchmarks/count_intervals.py): as float32 matrices it is one small
 # [R, K] @ [K, E] product per example, which numpy runs ~40x below BLAS speed. Instead the model
 # axis is bit-packed, 64 models a word, and each count is the popcount of (permuted masks AND
 # correctness) summed over the W = ceil(K / 64) words: R*E*N*W word operations, the correctness

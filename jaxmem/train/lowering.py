@@ -21,7 +21,7 @@ from jaxmem.train.ensemble import STRATEGIES, parse_strategy
 # im2col under vmap runs at one model's speed per model, and unroll is no faster while it
 # compiles one program copy per model, so "auto" is im2col+vmap (numbers: BENCHMARKS.md).
 # gpu/tpu: not measured yet; lax convs are what those compilers optimise
-# (experiments/gpu_bench.sh compares vmap, map and vmap:C with lax convs and im2col).
+# (experiments/benchmarks/gpu_bench.sh compares vmap, map and vmap:C with lax convs and im2col).
 BEST = {
     "cpu": ("im2col", "vmap"),
     "gpu": ("xla", "vmap"),
@@ -30,11 +30,12 @@ BEST = {
 
 
 # backend -> (conv_impl, ensemble strategy, batch) of the forward-only passes (evaluation and
-# BatchNorm recalibration), measured apart from training's (experiments/eval_lowerings.py,
-# BENCHMARKS.md). cpu: without a backward pass lax convs win once each model runs its own
-# (lax.map; under vmap they are grouped): one evaluation of the default run's 32 tiny_cnn
-# models took 2.0 s against 7.7 s with training's im2col/vmap at batch 1,024, and 4 small_vgg
-# models on 32x32 images 10.4-11.1 s against 17.5-21.0 s; batches 128-512 are within 10%.
+# BatchNorm recalibration), measured apart from training's
+# (experiments/benchmarks/eval_lowerings.py, BENCHMARKS.md). cpu: without a backward pass lax
+# convs win once each model runs its own (lax.map; under vmap they are grouped): one evaluation
+# of the default run's 32 tiny_cnn models took 2.0 s against 7.7 s with training's im2col/vmap
+# at batch 1,024, and 4 small_vgg models on 32x32 images 10.4-11.1 s against 17.5-21.0 s;
+# batches 128-512 are within 10%.
 EVAL_BEST = {
     "cpu": ("xla", "map", 256),
     "gpu": ("xla", "vmap", 1024),

@@ -208,7 +208,8 @@ class RunPlan:
                 f"until written, {gib(max(self.host['wave'], self.host['writing']))} for "
                 f"{phase}), but {self.host_budget.source} leaves {gib(self.host_budget.bytes)}; "
                 "give it more memory (a larger job memory limit or --host-memory) or train "
-                "fewer models per run (--model-range parts, merged with experiments/merge.py)")
+                "fewer models per run (--model-range parts, merged with "
+                "experiments/cluster/merge.py)")
         if self.disk_free is not None and self.disk_need > self.disk_free:
             raise UserError(
                 f"the run needs about {gib(self.disk_need)} of disk under {self.disk_path} "

@@ -3,7 +3,7 @@
 #
 #   JAXMEM_OUT=runs/vgg-c10 JAXMEM_NUM_MODELS=2000 JAXMEM_NUM_PARTS=20 \
 #   JAXMEM_RUN_ARGS="--arch=small_vgg --dataset=cifar10 --epochs=100" \
-#       bash experiments/slurm/ensemble_array.sh submit
+#       bash experiments/cluster/ensemble_array.sh submit
 #
 # `submit` (run from anywhere) queues the array (this script in `part` mode, one task per part)
 # and a merge job (`merge` mode) that starts after every part succeeded (afterok). Part I
@@ -81,7 +81,7 @@ merge() {
     for ((part = 0; part < JAXMEM_NUM_PARTS; part++)); do
         parts+=("$(part_dir "$part")")
     done
-    "$PYTHON" experiments/merge.py "${parts[@]}" --out "$JAXMEM_OUT"
+    "$PYTHON" experiments/cluster/merge.py "${parts[@]}" --out "$JAXMEM_OUT"
 }
 
 submit() {

@@ -1,7 +1,7 @@
 """Does any interval for the memorized count cover what it claims? Measured by simulation with
 known truth.
 
-    python experiments/count_intervals.py [--sims 200] [--resamples 100] [--seed 0]
+    python experiments/benchmarks/count_intervals.py [--sims 200] [--resamples 100] [--seed 0]
 
 Each simulated run has K models and N examples of a few planted kinds (in-subset and held-out
 accuracy p_in, p_out per example, `KINDS`); model k holds example i with probability r = 0.7 and

@@ -1,6 +1,6 @@
 """What durable writes and the integrity check of run directories cost, on the disk under --dir.
 
-    python experiments/storage_costs.py --dir=DIR [--repeats=5] [--skip-run]
+    python experiments/benchmarks/storage_costs.py --dir=DIR [--repeats=5] [--skip-run]
 
 1. A checkpoint (`WorkDir.save_checkpoint`) of 1, 16 and 128 MiB of states, written with and
    without the flushes (fsync of the file before its rename, of its folder after), median of

@@ -1,6 +1,6 @@
 """Merge part run directories (from --model-range job arrays) into one run directory.
 
-    python experiments/merge.py runs/part-0-500 runs/part-500-1000 --out runs/whole
+    python experiments/cluster/merge.py runs/part-0-500 runs/part-500-1000 --out runs/whole
 
 Refuses parts whose settings, dataset or masks disagree, that overlap, or that leave gaps.
 --fdr, --null-permutations and --fit-threshold (what the merged run reports, not how its models

@@ -1,8 +1,9 @@
 """The forward-only passes of a run (BatchNorm recalibration on each model's own subset, then
 every model on every training and test example) under each lowering and evaluation batch.
 
-    python experiments/eval_lowerings.py                      # the default run's models
-    python experiments/eval_lowerings.py --arch=small_vgg --dataset=synthetic --num-models=8
+    python experiments/benchmarks/eval_lowerings.py          # the default run's models
+    python experiments/benchmarks/eval_lowerings.py --arch=small_vgg --dataset=synthetic \\
+        --num-models=8
 
 Settings not given come from the dataset's recipe, as in a run. Each candidate
 (conv impl x ensemble strategy x batch) is compiled, then one evaluation as the trainer runs it

@@ -1,8 +1,8 @@
 """Changed labels found by jaxmem's own rankings and by cleanlab, on real Fashion-MNIST.
 
     pip install cleanlab   # for this script only; jaxmem never depends on it
-    nice -n 10 python experiments/label_errors.py --train 2000 --changed 20 --num-models 16 \
-        --out runs/label-errors
+    nice -n 10 python experiments/benchmarks/label_errors.py --train 2000 --changed 20 \
+        --num-models 16 --out runs/label-errors
 
 Builds a subset of Fashion-MNIST (`--train` training and `--test` test images drawn from the
 seed, read from the idx files in `--fashion-dir`: Debian's `dataset-fashion-mnist` package puts

@@ -3,10 +3,10 @@
 The VGG layouts of jaxmem.models.vgg (conv3x3 without bias, BatchNorm, ReLU, 2x2 max-pools, a
 global max-pool and one linear layer), trained with SGD (Nesterov, momentum 0.9, coupled weight
 decay 5e-4, as jaxmem's optimiser) on batches gathered from the model's own subset, with random
-horizontal flips. Used by experiments/bench.py as its optional "pytorch" variant; torch is never
+horizontal flips. Used by bench.py (beside it) as its optional "pytorch" variant; torch is never
 a dependency of jaxmem (`pip install torch` to compare).
 
-    python experiments/torch_baseline.py --arch=small_vgg --batch-size=128
+    python experiments/benchmarks/torch_baseline.py --arch=small_vgg --batch-size=128
 
 Both memory formats are timed (NCHW and channels_last) and the faster is the baseline.
 """

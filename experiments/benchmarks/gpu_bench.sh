@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurement as one short prepared run, on any CUDA machine:
-#     bash experiments/gpu_bench.sh
+#     bash experiments/benchmarks/gpu_bench.sh
 # At most 7 minutes (compiles dominate; each step has its own time limit, so one that hangs
 # cannot take the others' time). Needs no network: it uses the machine's own jax (with CUDA),
 # flax, optax, orbax-checkpoint, tqdm and pillow, checks first that they import (else it says
@@ -13,7 +13,7 @@
 # float32; 2-3 minutes on 2 idle cores, and the time limits cut steps short under load):
 #     ALLOW_CPU=1 BENCH_ARGS="--arch=tiny_cnn --dtype=float32 --conv-impl=im2col --batch-size=8 \
 #         --eval-batch-size=8 --models=2 --sweep=2 --seconds=0.2 --skip=vmap,matmul,sequential" \
-#         bash experiments/gpu_bench.sh
+#         bash experiments/benchmarks/gpu_bench.sh
 set -uo pipefail
 out="${OUT:-gpu_bench}"
 mkdir -p "$out"
@@ -52,7 +52,7 @@ bench() {  # name, time limit in seconds, extra bench.py arguments
   local name=$1 limit=$2 status
   shift 2
   echo "# === $name (at most $limit s): bench.py $* ${BENCH_ARGS:-}" | tee -a "$log"
-  timeout "$limit" "$python" experiments/bench.py --dtype=bfloat16 --batch-size=512 \
+  timeout "$limit" "$python" experiments/benchmarks/bench.py --dtype=bfloat16 --batch-size=512 \
     --seconds=2 --json="$out/bench_$name.json" "$@" ${BENCH_ARGS:-} 2>&1 \
     | tee -a "$log"
   status=${PIPESTATUS[0]}

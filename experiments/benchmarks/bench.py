@@ -1,6 +1,7 @@
 """Ensemble training throughput against its peers, on the current backend, in one process.
 
-    python experiments/bench.py --arch=small_vgg --models=8 --batch-size=256 --json=bench.json
+    python experiments/benchmarks/bench.py --arch=small_vgg --models=8 --batch-size=256 \\
+        --json=bench.json
 
 takes ~3 min on an idle 2-core CPU (compiles dominate; --seconds of timing per variant).
 Measured idle there (M=4, B=128; BENCHMARKS.md): on an AVX2 EPYC, ensemble im2col/vmap 168
@@ -20,8 +21,8 @@ Variants, each timed for --seconds after compiling:
   (d) matmul     the backend's dense matmul peak (4096^2 float32 on CPU, 8192^2 bfloat16
                  on GPU/TPU);
   (e) pytorch    what a user would run instead: PyTorch eager, one model at a time, same
-                 layout, optimiser, batch and flips (experiments/torch_baseline.py; skipped
-                 with a note when torch is not installed); `over_pytorch` = (a) / (e);
+                 layout, optimiser, batch and flips (torch_baseline.py beside this script;
+                 skipped with a note when torch is not installed); `over_pytorch` = (a) / (e);
   plus evaluation: Ensemble.evaluate (forward only, running BatchNorm statistics) on the
   evaluation's own lowering (jaxmem.train.lowering.EVAL_BEST unless --conv-impl/--ensemble
   are given).
@@ -30,7 +31,7 @@ GFLOP/s = XLA's cost analysis of the compiled step (flops) / measured step time.
 Images: random uint8 32x32x3, 10 classes (--dataset=NAME uses a registered dataset instead).
 --project=K,E (default 2000,100) turns the fastest M's training and evaluation rates into the
 hours K models x E epochs take on CIFAR-10 (same image shapes as the random images). A sweep
-stops at the first M that runs out of device memory. experiments/gpu_bench.sh is the GPU run.
+stops at the first M that runs out of device memory. gpu_bench.sh (beside it) is the GPU run.
 The process re-executes itself once with the allocator settings of
 `jaxmem.train.lowering.process_env()` (on a VM, page faults on fresh buffers cost more than
 the convolutions otherwise); --no-tune-env measures without them.
@@ -335,7 +336,7 @@ def main(argv=None) -> int:
 
 
 def pytorch_baseline(bench: Bench) -> dict:
-    """experiments/torch_baseline.py on the benchmark's images, or why it was skipped."""
+    """experiments/benchmarks/torch_baseline.py on the benchmark's images, or why it was skipped."""
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)

@@ -2,13 +2,13 @@
 that a run finds memorization on real data (the changed labels can only be fitted by
 memorising them, so a sensitive run scores them high).
 
-    python experiments/make_subset.py --train 3000 --changed 30 --out fmnist-3000.npz
+    python experiments/benchmarks/make_subset.py --train 3000 --changed 30 --out fmnist-3000.npz
 
 Reads the idx files of Fashion-MNIST (or MNIST: any folder with the four
 `*-idx?-ubyte.gz` files), takes `--train` training and `--test` test images drawn from the
 seed, and gives `--changed` of the training images another label (drawn from the seed too).
 The file records which: `changed_index` and `original_label`, which `jaxmem` ignores and
-`experiments/planted_scores.py` reads.
+`experiments/benchmarks/planted_scores.py` reads.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""How well a run finds the label changes planted by `experiments/make_subset.py`.
+"""How well a run finds the label changes planted by `experiments/benchmarks/make_subset.py`.
 
-    python experiments/planted_scores.py RUN_DIR fmnist-3000.npz
+    python experiments/benchmarks/planted_scores.py RUN_DIR fmnist-3000.npz
 
 Prints own-subset accuracy, the AUC of the changed labels' scores against the rest's (the
 probability that a changed label outscores an unchanged one, ties half), how many changed

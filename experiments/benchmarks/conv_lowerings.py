@@ -1,7 +1,7 @@
 """One 3x3 'SAME' convolution, forward + backward, under candidate lowerings: one model, vmap
 over M models, and M models written out in one jit ("unroll").
 
-    python experiments/conv_lowerings.py --batch=128 --size=16 --channels=64 --models=4
+    python experiments/benchmarks/conv_lowerings.py --batch=128 --size=16 --channels=64 --models=4
 
 About 4 minutes on an idle 2-core CPU. Result there (GFLOP/s, one model / vmap / unroll):
 xla 18.0 / 3.4 / 24.2, im2col 54.4 / 55.2 / 55.7, row_shift 41.4 / 39.9 / 40.3,

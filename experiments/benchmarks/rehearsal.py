@@ -2,7 +2,7 @@
 CPU run of 2,000 tiny models, each step timed with its peak resident memory next to what the
 run's plan (jaxmem/train/plan.py) predicts.
 
-    python experiments/rehearsal.py --out=/tmp/rehearsal --json=rehearsal.json
+    python experiments/benchmarks/rehearsal.py --out=/tmp/rehearsal --json=rehearsal.json
 
 Steps, each in a process of its own (wall time; peak RSS from the kernel's account of the
 child, wait4's ru_maxrss):
@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = ("write", "load", "export", "report", "train")
 # Share of each kind of training example (easy: right either way; memorized: right only when
 # trained on; transient: memorized early, generalised later; hard: wrong either way).

@@ -1,8 +1,8 @@
 """How many models each estimator needs: draws of K models from a large run against a reference
 of other models of the same run.
 
-    python experiments/estimator_agreement.py RUN [--reference 512] [--sizes 8,16,32,64,128] \\
-        [--draws 5] [--planted DATA.npz] [--json OUT.json]
+    python experiments/benchmarks/estimator_agreement.py RUN [--reference 512] \\
+        [--sizes 8,16,32,64,128] [--draws 5] [--planted DATA.npz] [--json OUT.json]
 
 For each K, `--draws` disjoint draws of K of the run's models (seeded); each draw is scored by
 the plain estimator (`memorization`, at the run's --min-count) and the margin estimate
@@ -34,7 +34,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from jaxmem import estimator, load_run, margins, reliability  # noqa: E402
 from jaxmem.rundir.store import rank_order  # noqa: E402
