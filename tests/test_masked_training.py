@@ -17,7 +17,7 @@ from jaxmem.config import Config
 from jaxmem.data import Dataset
 from jaxmem.data.synthetic import make
 from jaxmem.masks import subset_masks
-from jaxmem.train.ensemble import Ensemble, make_mesh
+from jaxmem.train.ensemble import ONCE_PER_WAVE_OPTIONS, Ensemble, make_mesh
 from jaxmem.train.loop import build_spec
 from jaxmem.train.orders import model_orders, steps_per_epoch
 from jaxmem.train.step import init_state, train_step
@@ -69,7 +69,9 @@ def test_ensemble_training_equals_training_on_the_physical_subset(tmp_path):
     k = 1
     members = np.flatnonzero(masks[k])
     x_sub, y_sub = dataset.x_train[members], dataset.y_train[members]
-    single = init_state(spec, keys.model_keys(SEED, keys.INIT, [k])[0], dataset.image_shape)
+    single = jax.jit(lambda key: init_state(spec, key, dataset.image_shape),  # as the ensemble's
+                     compiler_options=ONCE_PER_WAVE_OPTIONS[jax.default_backend()])(
+        keys.model_keys(SEED, keys.INIT, [k])[0])
     step_fn = jax.jit(lambda s, xb, yb, ids, w: train_step(spec, s, xb, yb, ids, w, aug_keys[k]))
     order = np.asarray(orders[k])
     assert sorted(order[order < num]) == list(members)  # one epoch = the subset, once each

@@ -37,6 +37,14 @@ def parse_strategy(strategy: str) -> tuple[str, int | None] | None:
     return ("vmap", int(chunked.group(1))) if chunked else None
 
 
+# backend -> XLA options of the programs that run once per wave and cost nothing to run
+# (initialising the models): on CPU, LLVM's optimisation of the initialisers' random numbers
+# made up most of a small run's start (compile times at both levels: BENCHMARKS.md). The
+# initial weights differ from the default level's by float32 rounding (1 ulp), and every
+# wave, resume and part compiles them alike.
+ONCE_PER_WAVE_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
+
+
 def map_models(fn, strategy: str, in_axes):
     """fn over ONE model -> fn over a leading model axis (in_axes: 0 = mapped, None = shared).
 
@@ -106,7 +114,9 @@ class Ensemble:
         self.eval_strategy = eval_strategy or strategy
         self.model_sharding = NamedSharding(self.mesh, P(AXIS))
         self.replicated = NamedSharding(self.mesh, P())
-        self.init = jax.jit(self._sharded(self._init, (P(AXIS),), P(AXIS)))
+        self.init = jax.jit(self._sharded(self._init, (P(AXIS),), P(AXIS)),
+                            compiler_options=ONCE_PER_WAVE_OPTIONS.get(
+                                self.mesh.devices.flat[0].platform))
         self.train_step = jax.jit(
             self._sharded(self._train_step, (P(AXIS),) * 4 + (P(),) * 3,
                           (P(AXIS), P(AXIS))),
