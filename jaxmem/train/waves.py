@@ -195,7 +195,8 @@ def compiled_bytes(trainer, count: int) -> int:
     sharded = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dtype, sharding=ensemble.model_sharding)
     keys_shape = sharded((count, 2), jnp.uint32)
-    states = jax.eval_shape(ensemble.init, keys_shape)
+    states = jax.tree.map(lambda leaf: sharded(leaf.shape, leaf.dtype),  # laid out as a wave's
+                          jax.eval_shape(ensemble.init, keys_shape))
     totals = step_lib.StepTotals(*[sharded((count,), jnp.float32)] * 3)
     train = ensemble.train_step.lower(
         states, totals, sharded((count, trainer.steps * trainer.config.batch_size), jnp.int32),
