@@ -13,7 +13,7 @@ import pytest
 # many tests build the same small ensembles, and compiling dominates their time on a CPU.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # The suite never downloads a dataset (tests/test_download.py lifts this for a local server).
 os.environ["JAXMEM_NO_DOWNLOAD"] = "1"
 

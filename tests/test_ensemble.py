@@ -193,32 +193,34 @@ FOUR_DEVICES = textwrap.dedent("""
     four = train_ensemble(Config(**config), dataset, masks, progress=False)
     padded_waves = train_ensemble(Config(**config, models_per_wave=2), dataset, masks,
                                   progress=False)
-    one_device = train_ensemble(Config(**config), dataset, masks, devices=jax.devices()[:1],
-                                progress=False)
+    one_device = train_ensemble(Config(**config, models_per_wave=4), dataset, masks,
+                                devices=jax.devices()[:1], progress=False)
     for other in (padded_waves, one_device):
         np.testing.assert_array_equal(four.masks, other.masks)
         np.testing.assert_allclose(four.train_loss, other.train_loss, rtol=1e-4, atol=1e-5)
         assert (np.asarray(four.correct_train) != np.asarray(other.correct_train)).mean() < 0.01
-    # The compiled step keeps each model on its device: no weight is gathered across devices.
-    spec = build_spec(Config(**config), dataset, 3)
+    # The compiled step keeps each model on its device: no weight is gathered across devices
+    # (the run's own program: 2 steps of 64 per epoch).
+    spec = build_spec(Config(**config), dataset, 2)
     ens = Ensemble(spec, dataset.image_shape, 64, make_mesh(), "vmap")
-    states = ens.init(jax.random.key_data(keys.model_keys(3, keys.INIT, np.arange(4))))
-    hlo = ens.train_step.lower(states, ens.zero_totals(4),
-                               np.zeros((4, 192), np.int32),
-                               jax.random.key_data(keys.model_keys(3, keys.AUGMENT,
-                                                                   np.arange(4))),
-                               dataset.x_train, dataset.y_train, 0).compile().as_text()
+    per_model = jax.device_put((  # laid out as a run lays them out, so the run's program
+        jax.random.key_data(keys.model_keys(3, keys.INIT, np.arange(4))),
+        np.zeros((4, 128), np.int32),
+        jax.random.key_data(keys.model_keys(3, keys.AUGMENT, np.arange(4)))), ens.model_sharding)
+    hlo = ens.train_step.lower(ens.init(per_model[0]), ens.zero_totals(4), *per_model[1:],
+                               *jax.device_put((dataset.x_train, dataset.y_train), ens.replicated),
+                               0).compile().as_text()
     assert "all-gather" not in hlo and "all-reduce" not in hlo, "cross-device traffic"
     # Each device draws its own models' batch orders (the same orders as on one device).
     from jaxmem.train import orders as loop
-    plain = loop.model_orders(3, np.arange(4), four.masks, 0, 3, 64)
-    sharded = loop.model_orders(3, np.arange(4), four.masks, 0, 3, 64, ens.model_sharding)
+    plain = loop.model_orders(3, np.arange(4), four.masks, 0, 2, 64)
+    sharded = loop.model_orders(3, np.arange(4), four.masks, 0, 2, 64, ens.model_sharding)
     np.testing.assert_array_equal(plain, sharded)
     assert sharded.sharding.is_equivalent_to(ens.model_sharding, 2)
     order_keys, masks = jax.device_put(
         (keys.model_keys(3, keys.ORDER, np.arange(4)), four.masks), ens.model_sharding)
     hlo = loop._orders.lower(order_keys, masks, 0, size=int(four.masks[0].sum()),
-                             length=192).compile().as_text()
+                             length=128).compile().as_text()
     assert "all-gather" not in hlo and "all-to-all" not in hlo, "orders gathered"
     print("FOUR_DEVICES_OK")
 """)

@@ -16,7 +16,8 @@ from jaxmem.masks import run_masks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "cluster", "ensemble_array.sh")
-RUN_ARGS = "--arch=tiny_cnn --epochs=1 --batch-size=64 --min-count=2 --null-permutations=2"
+RUN_ARGS = ("--arch=tiny_cnn --epochs=1 --batch-size=64 --min-count=2 --null-permutations=2 "
+            "--models-per-wave=2")
 
 
 def script(mode: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
