@@ -257,6 +257,27 @@ def test_free_memory_is_the_devices_or_the_hosts_shared(monkeypatch):
     assert (budget.bytes, budget.source, shared) == (500, "test", True)  # CPUs share the host
 
 
+def test_the_memory_probe_compiles_the_program_a_wave_runs():
+    """The probe's train step is lowered from the arguments a wave passes (laid out over the
+    model axis), so it measures that program, and a wave of its size reuses the compile (its
+    states used to be unplaced: a program no wave runs)."""
+    from jaxmem import keys
+    from jaxmem.train import loop
+    from jaxmem.train.orders import model_orders
+
+    trainer = loop.Trainer(Config(**CONFIG), DATASET)
+    ensemble, indices = trainer.ensemble, np.arange(1)
+    place = lambda a: jax.device_put(a, ensemble.model_sharding)  # noqa: E731
+    masks = run_masks(Config(**CONFIG), DATASET.num_train)[:1]
+    wave = (ensemble.init(place(jax.random.key_data(keys.model_keys(3, keys.INIT, indices)))),
+            ensemble.zero_totals(1),
+            model_orders(3, indices, place(masks), 0, trainer.steps, 64, ensemble.model_sharding),
+            place(jax.random.key_data(keys.model_keys(3, keys.AUGMENT, indices))),
+            trainer.x_train, trainer.y_train, 0)
+    assert (ensemble.train_step.lower(*waves.probe_arguments(trainer, 1)).as_text()
+            == ensemble.train_step.lower(*wave).as_text())
+
+
 def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
     """A model costs its compiled programs (on CPU HOST_RESIDENT_FACTOR times, plus its
     host arrays) out of the budget the run's results leave; the dataset is on the device

@@ -191,20 +191,28 @@ def compiled_bytes(trainer, count: int) -> int:
     compiled evaluation (arguments + outputs - aliased + temporaries), with `count` models on
     `count` devices, less the dataset both take as arguments (on every device once, whatever
     the wave size: `dataset_bytes`)."""
+    ensemble, arguments = trainer.ensemble, probe_arguments(trainer, count)
+    train = ensemble.train_step.lower(*arguments).compile()
+    ids = jax.ShapeDtypeStruct((trainer.eval_batch_size,), jnp.int32)
+    evaluate = ensemble.evaluate.lower(arguments[0], trainer.x_train, trainer.y_train,
+                                       ids).compile()
+    dataset = trainer.x_train.nbytes + trainer.y_train.nbytes
+    return max(_bytes(train.memory_analysis()), _bytes(evaluate.memory_analysis())) - dataset
+
+
+def probe_arguments(trainer, count: int) -> tuple:
+    """The train step's arguments for a wave of `count` models, as shapes laid out as a wave
+    lays them out (the model axis sharded over the devices), so that the probe compiles the
+    program a wave of that size runs."""
     ensemble = trainer.ensemble
     sharded = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dtype, sharding=ensemble.model_sharding)
     keys_shape = sharded((count, 2), jnp.uint32)
-    states = jax.tree.map(lambda leaf: sharded(leaf.shape, leaf.dtype),  # laid out as a wave's
+    states = jax.tree.map(lambda leaf: sharded(leaf.shape, leaf.dtype),
                           jax.eval_shape(ensemble.init, keys_shape))
     totals = step_lib.StepTotals(*[sharded((count,), jnp.float32)] * 3)
-    train = ensemble.train_step.lower(
-        states, totals, sharded((count, trainer.steps * trainer.config.batch_size), jnp.int32),
-        keys_shape, trainer.x_train, trainer.y_train, 0).compile()
-    ids = jax.ShapeDtypeStruct((trainer.eval_batch_size,), jnp.int32)
-    evaluate = ensemble.evaluate.lower(states, trainer.x_train, trainer.y_train, ids).compile()
-    dataset = trainer.x_train.nbytes + trainer.y_train.nbytes
-    return max(_bytes(train.memory_analysis()), _bytes(evaluate.memory_analysis())) - dataset
+    orders = sharded((count, trainer.steps * trainer.config.batch_size), jnp.int32)
+    return states, totals, orders, keys_shape, trainer.x_train, trainer.y_train, 0
 
 
 def dataset_bytes(trainer) -> int:
