@@ -26,7 +26,7 @@ def test_singletons_score_far_above_large_subpopulations(tmp_path):
              y_test=data.y_test)
     config = Config(arch="tiny_cnn", dataset=str(path), num_models=12, subset_ratio=0.5,
                     epochs=20, batch_size=32, lr=0.2, eval_every=10, seed=0, min_count=3,
-                    canaries=10)
+                    canaries=10, models_per_wave=12)  # one wave; the plan is tested elsewhere
     result = load_run(run(config, str(tmp_path / "run"), progress=False))
     # 10 examples got another label (canaries): they are found, and not counted
     canaries = result.canary_index
