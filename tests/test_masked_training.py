@@ -70,7 +70,7 @@ def test_ensemble_training_equals_training_on_the_physical_subset(tmp_path):
     members = np.flatnonzero(masks[k])
     x_sub, y_sub = dataset.x_train[members], dataset.y_train[members]
     single = jax.jit(lambda key: init_state(spec, key, dataset.image_shape),  # as the ensemble's
-                     compiler_options=ONCE_PER_WAVE_OPTIONS[jax.default_backend()])(
+                     compiler_options=ONCE_PER_WAVE_OPTIONS.get(jax.default_backend()))(
         keys.model_keys(SEED, keys.INIT, [k])[0])
     step_fn = jax.jit(lambda s, xb, yb, ids, w: train_step(spec, s, xb, yb, ids, w, aug_keys[k]))
     order = np.asarray(orders[k])
