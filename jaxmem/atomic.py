@@ -163,6 +163,29 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(_WriteOnly(f), array)
 
 
+def open_memmap(path: str | os.PathLike, shape: tuple[int, ...], dtype) -> np.memmap:
+    """A new .npy file at `path` memory-mapped for writing, its disk blocks allocated first.
+
+    `np.lib.format.open_memmap` alone makes a sparse file: on a full disk the first page that
+    finds no block kills the process with SIGBUS, without a word. Here the room is taken at
+    once (`posix_fallocate`), so a full disk or quota raises `DiskFull` naming `path` before
+    anything is written, and the file is removed."""
+    needed = NPY_HEADER_BYTES + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:
+        with room_for(path, needed):
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+    except DiskFull:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        raise
+    return array
+
+
 def replace_folder(staging: str, path: str) -> None:
     """Put the complete folder `staging` in place of `path` durably: every file in it and the
     folder itself are flushed first, then it is renamed to `path` and the parent flushed. A

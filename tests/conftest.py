@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -149,3 +150,33 @@ def fake_run_dir(tmp_path):
     def make(name: str = "run", **options) -> str:
         return write_fake_run(str(tmp_path / name), **options)
     return make
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on its own 8 MiB tmpfs (needs root; skipped where mounting is not allowed)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs",
+                                  str(folder)], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        pytest.skip("no mount command to make a small filesystem with")
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield str(folder)
+    subprocess.run(["umount", "-l", str(folder)], check=True, timeout=60)
+
+
+def fill(folder: str, leave: int) -> str:
+    """Fill the filesystem of `folder` until `leave` bytes are free; returns the filler file."""
+    filler, free = os.path.join(folder, "filler"), os.statvfs(folder)
+    with open(filler, "wb") as f:
+        f.write(bytes(max(free.f_bavail * free.f_frsize - leave, 0)))
+    return filler
+
+
+def temporaries(folder: str) -> list[str]:
+    """Files and folders a write left behind: temporary files, staging folders."""
+    return [os.path.join(root, name) for root, dirs, files in os.walk(folder)
+            for name in dirs + files if ".tmp-" in name or name.startswith(".")]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fill, temporaries
 from PIL import Image
 
 import jaxmem.data
@@ -196,6 +197,33 @@ def test_unwritable_data_dir_falls_back_to_default_cache(tmp_path, isolated_home
     fallback = list((isolated_home / ".cache" / "jaxmem" / locate.CACHE_FOLDER).glob("cifar10-*"))
     assert len(fallback) == 1 and (fallback[0] / "meta.json").is_file()
     assert isinstance(cifar.load_cifar10(str(tmp_path / "data")).x_train, np.memmap)
+
+
+def test_a_full_disk_moves_the_cache_elsewhere_or_into_memory(small_disk, isolated_home,
+                                                              monkeypatch, caplog):
+    """The decoded arrays are memory-mapped files: on a full disk their first page without a
+    block would kill the process (SIGBUS). The room is taken first, so a full disk is one
+    warning naming the file, and the data load from the next cache folder, or from memory."""
+    spec = cifar.CIFAR10
+    files = fake_cifar(spec)
+    data = os.path.join(small_disk, "data")
+    write_cifar_tarball(spec, files, Path(data))
+    fill(small_disk, 8192)  # the cache's folders fit, its arrays do not
+    ds = cifar.load_cifar10(data)
+    check_cifar(ds, spec, files)
+    full = [r.getMessage() for r in caplog.records if "no space left on device" in r.getMessage()]
+    assert len(full) == 1 and os.path.join(data, locate.CACHE_FOLDER, "cifar10") in full[0]
+    assert temporaries(small_disk) == []
+    fallback = list((isolated_home / ".cache" / "jaxmem" / locate.CACHE_FOLDER).glob("cifar10-*"))
+    assert len(fallback) == 1 and (fallback[0] / "meta.json").is_file()
+
+    monkeypatch.setenv("HOME", os.path.join(small_disk, "home"))  # both places full
+    caplog.clear()
+    ds = cifar.load_cifar10(data)
+    check_cifar(ds, spec, files)
+    assert not isinstance(ds.x_train, np.memmap)
+    assert any("keeping the data in memory" in r.getMessage() for r in caplog.records)
+    assert [path for path in temporaries(small_disk) if not os.path.isdir(path)] == []
 
 
 def test_missing_data_says_what_to_place_where(tmp_path):

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import fill, temporaries
 from test_scale_out import (  # noqa: F401 - npz is a fixture
     RUN_PY,
     assert_same_run,
@@ -23,6 +24,7 @@ from test_scale_out import (  # noqa: F401 - npz is a fixture
 )
 
 from jaxmem import atomic, cli, export, load_run, report, verify
+from jaxmem.analysis.influence import influence
 from jaxmem.errors import DiskFull, UserError
 from jaxmem.rundir import merge_runs, record
 from jaxmem.rundir.manifest import DamagedRun
@@ -287,36 +289,6 @@ def test_the_verify_command_checks_copies_and_runs_written_before_checksums(
 
 # --- full disks ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A folder on its own 8 MiB tmpfs (needs root; skipped where mounting is not allowed)."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs",
-                                  str(folder)], capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        pytest.skip("no mount command to make a small filesystem with")
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield str(folder)
-    subprocess.run(["umount", "-l", str(folder)], check=True, timeout=60)
-
-
-def fill(folder: str, leave: int) -> str:
-    """Fill the filesystem of `folder` until `leave` bytes are free; returns the filler file."""
-    filler, free = os.path.join(folder, "filler"), os.statvfs(folder)
-    with open(filler, "wb") as f:
-        f.write(bytes(max(free.f_bavail * free.f_frsize - leave, 0)))
-    return filler
-
-
-def temporaries(folder: str) -> list[str]:
-    """Files and folders a write left behind: temporary files, staging folders."""
-    return [os.path.join(root, name) for root, dirs, files in os.walk(folder)
-            for name in dirs + files if ".tmp-" in name or name.startswith(".")]
-
-
 FULL = r"no space left on device \(needs about [\d,]+ bytes, [\d,]+ free\)"
 
 
@@ -432,3 +404,17 @@ def test_a_full_disk_while_exporting_reporting_or_merging_keeps_what_was_there(
     assert {file: open(file).read() for file in (table, page)} == before
     assert not os.path.exists(merged) and temporaries(str(tmp_path)) == []
 
+
+
+def test_an_influence_matrix_written_to_a_full_disk_is_one_error_naming_it(small_disk):
+    """`influence(out=...)` fills a memory-mapped file: without its room taken first, a full
+    disk kills the process with SIGBUS at the first page that finds no block."""
+    rng = np.random.default_rng(0)
+    masks, correct = rng.random((8, 300)) < 0.5, rng.random((8, 400)) < 0.5
+    out = os.path.join(small_disk, "influence.npy")
+    fill(small_disk, 64 << 10)  # the 300 x 400 float32 result takes 469 KiB
+    with pytest.raises(DiskFull, match=rf"^{re.escape(out)}: {FULL}"):
+        influence(masks, correct, out=out)
+    assert os.listdir(small_disk) == ["filler"]
+    os.remove(os.path.join(small_disk, "filler"))
+    np.testing.assert_array_equal(influence(masks, correct, out=out), influence(masks, correct))

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxmem import estimator, significance
+from jaxmem import atomic, estimator, significance
 from jaxmem.analysis import stats
 from jaxmem.errors import UserError
 from jaxmem.estimator import DEFAULT_MIN_COUNT, DEFAULT_THRESHOLD
@@ -31,7 +31,7 @@ def influence(masks: np.ndarray, correct_test: np.ndarray, rows: np.ndarray | No
 
     masks [K, N] bool; correct_test [K, N_test] bool. Rows of examples with fewer than
     min_count in- or held-out models are NaN (as their memorization scores are).
-    out: path of an .npy file to write the result into (np.lib.format.open_memmap); the
+    out: path of an .npy file to write the result into (`jaxmem.atomic.open_memmap`); the
     memory-mapped array is returned.
     """
     masks = np.asarray(masks, bool)
@@ -45,7 +45,7 @@ def influence(masks: np.ndarray, correct_test: np.ndarray, rows: np.ndarray | No
     num_models = masks.shape[0]
     shape = (len(rows), correct_test.shape[1])
     if out is not None:
-        result = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=shape)
+        result = atomic.open_memmap(out, shape, dtype)  # a full disk: DiskFull, not SIGBUS
     else:
         result = np.empty(shape, dtype)
     test = correct_test.astype(np.float64)  # [K, N_test]; sums of 0/1 are exact in float64

@@ -11,7 +11,8 @@ source files, so a replaced archive is decoded again). Arrays are written into t
 and moved into place with `os.replace`, so a crash never leaves a half-written array under a
 final name. Later loads memory-map the arrays (`np.load(mmap_mode="r")`): a 1.2 GB Tiny ImageNet
 costs no RAM until it is used. The cache goes beside the data (`<data dir>/jaxmem-cache/<name>/`);
-if that folder cannot be written, under the default cache folder instead.
+if that folder cannot be written or its disk is full, under the default cache folder instead,
+else the decoded data stay in memory (one warning names the folder and the room it lacked).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxmem import atomic
+from jaxmem.errors import DiskFull
 
 ENV_VAR = "JAXMEM_DATA"
 DEFAULT_DIR = "~/.cache/jaxmem"
@@ -93,7 +95,7 @@ class ArrayWriter:
             os.fchmod(fd, atomic.umask_mode())  # readable by whoever the umask lets read the data
             os.close(fd)
             self._temp[key] = temp_path
-            array = np.lib.format.open_memmap(temp_path, mode="w+", dtype=dtype, shape=shape)
+            array = atomic.open_memmap(temp_path, shape, dtype)
         self._arrays[key] = array
         return array
 
@@ -164,22 +166,25 @@ def cached_arrays(
         found = read_cache(folder, source_fingerprint)
         if found is not None:
             return found
-    writer = None
-    for folder in folders:
+    for folder in [*folders, None]:
         try:
             writer = ArrayWriter(folder)
-            break
         except OSError as error:
             log.info("cannot write a cache in %s (%s); trying the next place", folder, error)
-    if writer is None:
-        log.warning("%s: no writable cache folder (tried %s); keeping the data in memory", name,
-                    ", ".join(map(str, folders)))
-        writer = ArrayWriter(None)
-    try:
-        extra = build(writer)
-        meta = {"format": CACHE_FORMAT, "name": name, "fingerprint": source_fingerprint,
-                "source": str(source_dir), "arrays": writer.keys, **extra}
-        return writer.commit(meta), meta
-    except BaseException:
-        writer.discard()
-        raise
+            continue
+        if folder is None:
+            log.warning("%s: no cache folder could be written (tried %s); keeping the data in "
+                        "memory", name, ", ".join(map(str, folders)))
+        try:
+            extra = build(writer)
+            meta = {"format": CACHE_FORMAT, "name": name, "fingerprint": source_fingerprint,
+                    "source": str(source_dir), "arrays": writer.keys, **extra}
+            return writer.commit(meta), meta
+        except DiskFull as full:  # a cache is a convenience: decode again, elsewhere
+            writer.discard()
+            log.warning("%s: cannot cache the decoded data: %s; trying the next place", name,
+                        full.problem)
+        except BaseException:
+            writer.discard()
+            raise
+    raise AssertionError("unreachable: the in-memory writer cannot run out of disk")
