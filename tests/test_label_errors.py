@@ -104,3 +104,11 @@ def test_planted_scores_reports_what_the_run_says_of_the_changed_labels(fake_run
     assert (f"{len(at_fdr)} examples, {len(np.intersect1d(at_fdr, changed))} of them changed "
             "labels") in out
     assert "= the original label for 7 of 12" in out
+    real = np.flatnonzero(run.real)
+    top = {name: np.intersect1d(real[np.argsort(-np.nan_to_num(values[real], nan=-np.inf),
+                                                kind="stable")][:12], changed).size
+           for name, values in (("plain", scores), ("margin", run.memorization_margin))}
+    ranked = np.intersect1d(run.most_memorized(12), changed).size
+    assert (f"in the top 12: by the plain score alone (ties in index order) {top['plain']}, by "
+            f"the margin estimate alone {top['margin']} (AUC ") in out
+    assert f"by the run's ranking (plain, ties by the margin estimate) {ranked};" in out
