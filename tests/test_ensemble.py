@@ -292,13 +292,24 @@ def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
     larger = waves.compiled_bytes(loop.Trainer(Config(**CONFIG), tiled), 1)
     added = tiled.x_train.nbytes - DATASET.x_train.nbytes  # 374 KB of images
     assert abs(larger - compiled) < 0.1 * added  # orders grow by 17 KB, nothing else
-    per_model = int(waves.HOST_RESIDENT_FACTOR * compiled) + 1000
-    for fits in (1, 10, 37):  # room for exactly `fits` models (and a half)
-        available = int((fits + 0.5) * per_model / waves.MEMORY_FRACTION) + 5000
+    # A wave of all 50 models is compiled first; where it does not fit, one model alone too,
+    # and a model costs the larger share. Where it fits, the wave runs the programs measured.
+    cost = lambda compiled: int(waves.HOST_RESIDENT_FACTOR * compiled) + 1000  # noqa: E731
+    in_whole = cost(waves.compiled_bytes(trainer, 50) // 50)
+    per_model = max(cost(compiled), in_whole)
+    measure, sizes = waves.compiled_bytes, []
+    monkeypatch.setattr(waves, "compiled_bytes",
+                        lambda trainer, count: sizes.append(count) or measure(trainer, count))
+    for fits, whole in ((1, False), (10, False), (37, False), (50, True)):
+        # room for exactly `fits` models (and a half) at the larger share
+        available = int((fits + 0.5) * (in_whole if whole else per_model)
+                        / waves.MEMORY_FRACTION) + 5000
         fake_host_budget(monkeypatch, available)
         plan = waves.plan_memory(trainer, 50, reserved=5000, host_per_model=1000)
-        assert plan.wave_size == min(fits, 50) and plan.planned_bytes_per_model == per_model
+        assert plan.wave_size == fits and sizes == ([50] if whole else [50, 1])
+        assert plan.planned_bytes_per_model == (in_whole if whole else per_model)
         assert plan.record([], [])["budget_bytes"] == available and plan.reserved == 5000
+        sizes.clear()
     fake_host_budget(monkeypatch, 1)
     assert waves.plan_memory(trainer, 50).wave_size == 1  # at least one model per device
     given = loop.Trainer(Config(**CONFIG, models_per_wave=7), DATASET)
@@ -338,7 +349,7 @@ def test_a_gpu_peak_that_cannot_be_reset_does_not_shrink_the_waves(monkeypatch):
 
     fake_device_memory(monkeypatch, bytes_limit=11_000, bytes_in_use=1000,
                        peak_bytes_in_use=10_000)
-    monkeypatch.setattr(waves, "compiled_bytes", lambda trainer, count: 1750)  # 4 in 0.7 F
+    monkeypatch.setattr(waves, "compiled_bytes", lambda trainer, count: 1750 * count)  # 4 fit
     trained = []
     original = loop.Trainer.train_wave
 

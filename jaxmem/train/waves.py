@@ -161,23 +161,36 @@ class MemoryPlan:
 def plan_memory(trainer, num_models: int, reserved: int = 0, host_per_model: int = 0
                 ) -> MemoryPlan:
     """The wave size of `num_models` models: --models-per-wave if given, else as many as fit
-    one device's budget by the compiled train step's and evaluation's memory use for one model
-    per device (the dataset left out). On CPU `reserved` bytes of the host's budget are kept
-    for the run's results, and a model costs HOST_RESIDENT_FACTOR times its compiled bytes
-    (the analysis undercounts resident memory) plus `host_per_model` bytes of host arrays."""
+    one device's budget by the compiled train step's and evaluation's memory use (the dataset
+    left out). The programs of one wave of all the models are compiled first: where they fit,
+    that is the plan, and the wave runs the very programs measured (no second compile).
+    Otherwise a model costs the larger of its share of them and of what one model per device
+    compiles to, and the waves are as large as fit by that. On CPU
+    `reserved` bytes of the host's budget are kept for the run's results, and a model costs
+    HOST_RESIDENT_FACTOR times its compiled bytes (the analysis undercounts resident memory)
+    plus `host_per_model` bytes of host arrays."""
     config, devices = trainer.config, list(trainer.mesh.devices.flat)
     count = len(devices)
     budget, shared = free_memory(devices, config.host_memory)
     baseline = memory_in_use(devices)
     kept = reserved // count if shared else 0
+    plan = MemoryPlan(config.models_per_wave, budget, count, shared, baseline, None, kept)
     if config.models_per_wave:
-        return MemoryPlan(config.models_per_wave, budget, count, shared, baseline, None, kept)
-    per_model = max(compiled_bytes(trainer, count), 1)
-    if shared:
-        per_model = int(HOST_RESIDENT_FACTOR * per_model) + host_per_model
-    plan = MemoryPlan(0, budget, count, shared, baseline, per_model, kept)
-    return dataclasses.replace(plan, wave_size=fitting_models(MEMORY_FRACTION * plan.room,
-                                                              per_model, count, num_models))
+        return plan
+    offered = MEMORY_FRACTION * plan.room
+
+    def bytes_per_model(wave: int) -> int:
+        per_model = max(compiled_bytes(trainer, wave) // (wave // count), 1)
+        return int(HOST_RESIDENT_FACTOR * per_model) + host_per_model if shared else per_model
+
+    whole = padded_size(num_models, count)
+    per_model = bytes_per_model(whole)
+    if fitting_models(offered, per_model, count, num_models) < num_models and whole > count:
+        # smaller waves: their fixed costs weigh more per model, so a model costs the larger
+        # of its share of a wave of all the models and of one model per device
+        per_model = max(per_model, bytes_per_model(count))
+    size = fitting_models(offered, per_model, count, num_models)
+    return dataclasses.replace(plan, wave_size=size, planned_bytes_per_model=per_model)
 
 
 def fitting_models(offered: float, per_model: int, devices: int, num_models: int) -> int:
@@ -187,10 +200,10 @@ def fitting_models(offered: float, per_model: int, devices: int, num_models: int
 
 
 def compiled_bytes(trainer, count: int) -> int:
-    """Bytes one device needs for one model: the larger of the compiled train step and the
-    compiled evaluation (arguments + outputs - aliased + temporaries), with `count` models on
-    `count` devices, less the dataset both take as arguments (on every device once, whatever
-    the wave size: `dataset_bytes`)."""
+    """Bytes one device needs for a wave of `count` models (a multiple of the device count):
+    the larger of the compiled train step and the compiled evaluation (arguments + outputs -
+    aliased + temporaries), less the dataset both take as arguments (on every device once,
+    whatever the wave size: `dataset_bytes`)."""
     ensemble, arguments = trainer.ensemble, probe_arguments(trainer, count)
     train = ensemble.train_step.lower(*arguments).compile()
     ids = jax.ShapeDtypeStruct((trainer.eval_batch_size,), jnp.int32)
