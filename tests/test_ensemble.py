@@ -7,6 +7,7 @@ correctness.
 
 import collections
 import dataclasses
+import functools
 import math
 import os
 import subprocess
@@ -286,7 +287,8 @@ def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
     from jaxmem.train import loop
 
     trainer = loop.Trainer(Config(**CONFIG), DATASET)
-    compiled = waves.compiled_bytes(trainer, 1)
+    measure = functools.cache(waves.compiled_bytes)  # each size compiled once
+    compiled = measure(trainer, 1)
     tiled = dataclasses.replace(DATASET, x_train=np.tile(DATASET.x_train, (40, 1, 1, 1)),
                                 y_train=np.tile(DATASET.y_train, 40), original_index=None)
     larger = waves.compiled_bytes(loop.Trainer(Config(**CONFIG), tiled), 1)
@@ -295,11 +297,11 @@ def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
     # A wave of all 50 models is compiled first; where it does not fit, one model alone too,
     # and a model costs the larger share. Where it fits, the wave runs the programs measured.
     cost = lambda compiled: int(waves.HOST_RESIDENT_FACTOR * compiled) + 1000  # noqa: E731
-    in_whole = cost(waves.compiled_bytes(trainer, 50) // 50)
-    per_model = max(cost(compiled), in_whole)
-    measure, sizes = waves.compiled_bytes, []
+    sizes = []
     monkeypatch.setattr(waves, "compiled_bytes",
                         lambda trainer, count: sizes.append(count) or measure(trainer, count))
+    in_whole = cost(measure(trainer, 50) // 50)
+    per_model = max(cost(compiled), in_whole)
     for fits, whole in ((1, False), (10, False), (37, False), (50, True)):
         # room for exactly `fits` models (and a half) at the larger share
         available = int((fits + 0.5) * (in_whole if whole else per_model)
