@@ -166,20 +166,21 @@ def cached_arrays(
         found = read_cache(folder, source_fingerprint)
         if found is not None:
             return found
-    for folder in [*folders, None]:
+
+    def fill(writer: ArrayWriter) -> tuple[dict[str, np.ndarray], dict]:
+        extra = build(writer)
+        meta = {"format": CACHE_FORMAT, "name": name, "fingerprint": source_fingerprint,
+                "source": str(source_dir), "arrays": writer.keys, **extra}
+        return writer.commit(meta), meta
+
+    for folder in folders:
         try:
             writer = ArrayWriter(folder)
         except OSError as error:
             log.info("cannot write a cache in %s (%s); trying the next place", folder, error)
             continue
-        if folder is None:
-            log.warning("%s: no cache folder could be written (tried %s); keeping the data in "
-                        "memory", name, ", ".join(map(str, folders)))
         try:
-            extra = build(writer)
-            meta = {"format": CACHE_FORMAT, "name": name, "fingerprint": source_fingerprint,
-                    "source": str(source_dir), "arrays": writer.keys, **extra}
-            return writer.commit(meta), meta
+            return fill(writer)
         except DiskFull as full:  # a cache is a convenience: decode again, elsewhere
             writer.discard()
             log.warning("%s: cannot cache the decoded data: %s; trying the next place", name,
@@ -187,4 +188,6 @@ def cached_arrays(
         except BaseException:
             writer.discard()
             raise
-    raise AssertionError("unreachable: the in-memory writer cannot run out of disk")
+    log.warning("%s: no cache folder could be written (tried %s); keeping the data in memory",
+                name, ", ".join(map(str, folders)))
+    return fill(ArrayWriter(None))
