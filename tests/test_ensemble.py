@@ -294,8 +294,9 @@ def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
     larger = waves.compiled_bytes(loop.Trainer(Config(**CONFIG), tiled), 1)
     added = tiled.x_train.nbytes - DATASET.x_train.nbytes  # 374 KB of images
     assert abs(larger - compiled) < 0.1 * added  # orders grow by 17 KB, nothing else
-    # A wave of all 50 models is compiled first; where it does not fit, one model alone too,
-    # and a model costs the larger share. Where it fits, the wave runs the programs measured.
+    # On CPU a wave of all 50 models is compiled first; where it does not fit, one model alone
+    # too, and a model costs the larger share. Where it fits, the wave runs the programs
+    # measured.
     cost = lambda compiled: int(waves.HOST_RESIDENT_FACTOR * compiled) + 1000  # noqa: E731
     sizes = []
     monkeypatch.setattr(waves, "compiled_bytes",
@@ -314,6 +315,11 @@ def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
         sizes.clear()
     fake_host_budget(monkeypatch, 1)
     assert waves.plan_memory(trainer, 50).wave_size == 1  # at least one model per device
+    # A GPU's autotuner runs kernels on the device with a program's buffers: only one model
+    # per device is compiled to measure, however much room the device has.
+    fake_device_memory(monkeypatch, bytes_limit=1 << 40, bytes_in_use=0, peak_bytes_in_use=0)
+    sizes.clear()
+    assert waves.plan_memory(trainer, 50).wave_size == 50 and sizes == [1]
     given = loop.Trainer(Config(**CONFIG, models_per_wave=7), DATASET)
     assert waves.plan_memory(given, 50).wave_size == 7
 

@@ -162,10 +162,9 @@ def plan_memory(trainer, num_models: int, reserved: int = 0, host_per_model: int
                 ) -> MemoryPlan:
     """The wave size of `num_models` models: --models-per-wave if given, else as many as fit
     one device's budget by the compiled train step's and evaluation's memory use (the dataset
-    left out). The programs of one wave of all the models are compiled first: where they fit,
-    that is the plan, and the wave runs the very programs measured (no second compile).
-    Otherwise a model costs the larger of its share of them and of what one model per device
-    compiles to, and the waves are as large as fit by that. On CPU
+    left out), for one model per device; on CPU first for one wave of all the models, which,
+    where it fits, is the plan (the wave then runs the programs measured), and where it does
+    not, a model costs the larger of its share of it and of one model alone. On CPU
     `reserved` bytes of the host's budget are kept for the run's results, and a model costs
     HOST_RESIDENT_FACTOR times its compiled bytes (the analysis undercounts resident memory)
     plus `host_per_model` bytes of host arrays."""
@@ -184,11 +183,19 @@ def plan_memory(trainer, num_models: int, reserved: int = 0, host_per_model: int
         return int(HOST_RESIDENT_FACTOR * per_model) + host_per_model if shared else per_model
 
     whole = padded_size(num_models, count)
-    per_model = bytes_per_model(whole)
-    if fitting_models(offered, per_model, count, num_models) < num_models and whole > count:
-        # smaller waves: their fixed costs weigh more per model, so a model costs the larger
-        # of its share of a wave of all the models and of one model per device
+    if shared and whole > count:
+        # CPU: a compile allocates nothing, so a wave of all the models is measured first;
+        # where it fits, that wave runs the very programs measured (nothing compiled twice)
+        per_model = bytes_per_model(whole)
+        if fitting_models(offered, per_model, count, num_models) == num_models:
+            return dataclasses.replace(plan, wave_size=num_models,
+                                       planned_bytes_per_model=per_model)
+        # smaller waves: their fixed costs weigh more per model
         per_model = max(per_model, bytes_per_model(count))
+    else:
+        # GPU/TPU: the autotuner runs candidate kernels on the device with the program's own
+        # buffers, so only a size sure to fit is compiled to measure: one model per device
+        per_model = bytes_per_model(count)
     size = fitting_models(offered, per_model, count, num_models)
     return dataclasses.replace(plan, wave_size=size, planned_bytes_per_model=per_model)
 
