@@ -16,10 +16,12 @@ removed and what was there before is untouched.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 
@@ -186,14 +188,36 @@ def open_memmap(path: str | os.PathLike, shape: tuple[int, ...], dtype) -> np.me
     return array
 
 
+# Linux's renameat2(2) with RENAME_EXCHANGE swaps two names in one step (glibc >= 2.28).
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(first: str, second: str) -> bool:
+    """Swap the names of two existing paths atomically; False, with nothing changed, where
+    the C library, the kernel or the filesystem cannot (e.g. NFS)."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is None:
+        return False
+    return renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second),
+                     _RENAME_EXCHANGE) == 0
+
+
 def replace_folder(staging: str, path: str) -> None:
     """Put the complete folder `staging` in place of `path` durably: every file in it and the
     folder itself are flushed first, then it is renamed to `path` and the parent flushed. A
-    folder already at `path` is kept under another name until the new one is in place, then
-    removed (put back if the rename fails), so it is lost only once the new one is complete."""
+    folder already at `path` is swapped with it in one step where the filesystem can
+    (`exchange`), so that `path` always holds one of the two, and then removed; elsewhere it
+    is kept under another name until the new one is in place (put back if the rename fails),
+    so it is lost only once the new one is complete."""
     for name in os.listdir(staging):
         sync_file(os.path.join(staging, name))
     sync_folder(staging)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) and exchange(staging, path):
+        sync_folder(parent)
+        shutil.rmtree(staging, ignore_errors=True)  # the old folder, under the staging name
+        return
     old, moved = f"{staging}.old", False
     try:
         if os.path.exists(path):
@@ -205,6 +229,6 @@ def replace_folder(staging: str, path: str) -> None:
             os.replace(old, path)
         raise
     try:
-        sync_folder(os.path.dirname(os.path.abspath(path)))
+        sync_folder(parent)
     finally:
         shutil.rmtree(old, ignore_errors=True)

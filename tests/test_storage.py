@@ -94,6 +94,58 @@ def test_every_file_reaches_the_disk_before_its_rename_and_its_folder_after(
                       ("rename", f"{file}.tmp-{os.getpid()}", file), ("fsync", folder)]
 
 
+# Replace the folder argv[2] by argv[1] and die (as by SIGKILL: no cleanup) at step argv[3] of
+# the filesystem calls; only jaxmem.atomic is imported (the package's own imports take seconds).
+KILLED_REPLACING = """
+import os, shutil, sys, types
+package = types.ModuleType("jaxmem")
+package.__path__ = [sys.argv[4]]
+sys.modules["jaxmem"] = package
+from jaxmem import atomic
+steps = [0]
+def step():
+    steps[0] += 1
+    if steps[0] == int(sys.argv[3]):
+        os._exit(9)
+def killable(call):
+    def run(*args, **kwargs):
+        step()
+        result = call(*args, **kwargs)
+        step()
+        return result
+    return run
+os.replace, os.fsync, shutil.rmtree = map(killable, (os.replace, os.fsync, shutil.rmtree))
+atomic.exchange = killable(atomic.exchange)
+atomic.replace_folder(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_run_directory_replaced_under_a_kill_at_any_step_is_the_old_or_the_new(tmp_path):
+    """A finished run written over an older one: killed at any step of putting it in place,
+    its path holds the old folder or the new one, never nothing (the two renames of old left
+    a moment with neither, where the filesystem can swap two names in one step)."""
+    package = os.path.dirname(atomic.__file__)
+    path, staging = str(tmp_path / "run"), str(tmp_path / ".run.staging")
+    seen = set()
+    for kill_at in range(1, 100):
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder, content in ((path, "old"), (staging, "new")):
+            os.makedirs(folder)
+            for name in ("config.json", "scores.npz"):
+                with open(os.path.join(folder, name), "w") as f:
+                    f.write(content)
+        done = subprocess.run([sys.executable, "-c", KILLED_REPLACING, staging, path,
+                               str(kill_at), package], timeout=60).returncode == 0
+        held = {open(os.path.join(path, name)).read() for name in os.listdir(path)}
+        assert sorted(os.listdir(path)) == ["config.json", "scores.npz"] and len(held) == 1
+        seen |= held
+        if done:
+            break
+    assert held == {"new"} and seen == {"old", "new"} and kill_at > 5
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
 # --- unreadable checkpoints and finished waves -------------------------------------------------
 
 PROBLEM = {"truncated": r"[\d,]+ bytes: File is not a zip file", "empty": "empty",
