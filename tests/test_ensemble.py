@@ -309,8 +309,11 @@ def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
                         / waves.MEMORY_FRACTION) + 5000
         fake_host_budget(monkeypatch, available)
         plan = waves.plan_memory(trainer, 50, reserved=5000, host_per_model=1000)
-        assert plan.wave_size == fits and sizes == ([50] if whole else [50, 1])
-        assert plan.planned_bytes_per_model == (in_whole if whole else per_model)
+        # then the wave so sized: the programs it runs
+        assert plan.wave_size == fits
+        assert sizes == ([50] if whole else [50, 1] + ([fits] if fits > 1 else []))
+        own = cost(measure(trainer, fits) // fits) if fits > 1 and not whole else 0
+        assert plan.planned_bytes_per_model == (in_whole if whole else max(per_model, own))
         assert plan.record([], [])["budget_bytes"] == available and plan.reserved == 5000
         sizes.clear()
     fake_host_budget(monkeypatch, 1)
@@ -319,7 +322,23 @@ def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
     # per device is compiled to measure, however much room the device has.
     fake_device_memory(monkeypatch, bytes_limit=1 << 40, bytes_in_use=0, peak_bytes_in_use=0)
     sizes.clear()
-    assert waves.plan_memory(trainer, 50).wave_size == 50 and sizes == [1]
+    assert waves.plan_memory(trainer, 50).wave_size == 50 and sizes == [1, 50]
+
+
+def test_a_wave_whose_programs_do_not_fit_is_made_smaller_before_it_runs(monkeypatch):
+    """A model's share of a wave's compiled bytes grows with the wave (BENCHMARKS.md): sized
+    from one model alone, the wave's own programs are compiled, and where they do not fit the
+    wave shrinks until they do; the last size compiled is the wave's."""
+    from jaxmem.train import loop
+
+    fake_device_memory(monkeypatch, bytes_limit=int(22_500 / waves.MEMORY_FRACTION) + 1000,
+                       bytes_in_use=1000, peak_bytes_in_use=1000)
+    sizes = []
+    monkeypatch.setattr(waves, "compiled_bytes", lambda trainer, count: sizes.append(count)
+                        or 100 * (10 + count) * count)  # a share of 100 (10 + count)
+    plan = waves.plan_memory(loop.Trainer(Config(**CONFIG), DATASET), 50)
+    # one model: 1,100 -> 20 fit; 20 models: 3,000 each -> 7; 7 models: 1,700 (< 3,000)
+    assert sizes == [1, 20, 7] and plan.wave_size == 7 and plan.planned_bytes_per_model == 3000
     given = loop.Trainer(Config(**CONFIG, models_per_wave=7), DATASET)
     assert waves.plan_memory(given, 50).wave_size == 7
 

@@ -164,7 +164,8 @@ def plan_memory(trainer, num_models: int, reserved: int = 0, host_per_model: int
     one device's budget by the compiled train step's and evaluation's memory use (the dataset
     left out), for one model per device; on CPU first for one wave of all the models, which,
     where it fits, is the plan (the wave then runs the programs measured), and where it does
-    not, a model costs the larger of its share of it and of one model alone. On CPU
+    not, a model costs the larger of its share of it and of one model alone. The wave so
+    sized is compiled too (the programs it runs) and made smaller while it does not fit. On CPU
     `reserved` bytes of the host's budget are kept for the run's results, and a model costs
     HOST_RESIDENT_FACTOR times its compiled bytes (the analysis undercounts resident memory)
     plus `host_per_model` bytes of host arrays."""
@@ -197,6 +198,14 @@ def plan_memory(trainer, num_models: int, reserved: int = 0, host_per_model: int
         # buffers, so only a size sure to fit is compiled to measure: one model per device
         per_model = bytes_per_model(count)
     size = fitting_models(offered, per_model, count, num_models)
+    while size > count:
+        # The wave's own programs (compiling them now costs nothing: the wave runs them). A
+        # model's share grows with the wave, so where they do not fit, fewer models.
+        per_model = max(per_model, bytes_per_model(padded_size(size, count)))
+        fitting = fitting_models(offered, per_model, count, num_models)
+        if fitting >= size:
+            break
+        size = fitting
     return dataclasses.replace(plan, wave_size=size, planned_bytes_per_model=per_model)
 
 
