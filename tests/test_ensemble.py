@@ -303,7 +303,7 @@ def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
                         lambda trainer, count: sizes.append(count) or measure(trainer, count))
     in_whole = cost(measure(trainer, 50) // 50)
     per_model = max(cost(compiled), in_whole)
-    for fits, whole in ((1, False), (10, False), (37, False), (50, True)):
+    for fits, whole in ((1, False), (10, False), (50, True)):
         # room for exactly `fits` models (and a half) at the larger share
         available = int((fits + 0.5) * (in_whole if whole else per_model)
                         / waves.MEMORY_FRACTION) + 5000
