@@ -1,5 +1,6 @@
 """experiments/benchmarks/label_errors.py: its data, folds and rankings (the measurement itself is
-in BENCHMARKS.md; cleanlab is not a dependency, so its part runs only where it is installed)."""
+in BENCHMARKS.md; cleanlab comes with the dev extra, not with jaxmem, so its part is skipped
+where only jaxmem is installed)."""
 
 import numpy as np
 import pytest

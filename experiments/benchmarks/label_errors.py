@@ -1,6 +1,6 @@
 """Changed labels found by jaxmem's own rankings and by cleanlab, on real Fashion-MNIST.
 
-    pip install cleanlab   # for this script only; jaxmem never depends on it
+    pip install -e ".[dev]"   # cleanlab comes with the dev extra; jaxmem never imports it
     nice -n 10 python experiments/benchmarks/label_errors.py --train 2000 --changed 20 \
         --num-models 16 --out runs/label-errors
 
