@@ -179,6 +179,10 @@ def open_memmap(path: str | os.PathLike, shape: tuple[int, ...], dtype) -> np.me
             fd = os.open(path, os.O_RDWR)
             try:
                 os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            except OSError as error:
+                if error.errno in FULL_DISK:
+                    raise
+                # a filesystem that cannot reserve blocks at all: the sparse file, as before
             finally:
                 os.close(fd)
     except DiskFull:
