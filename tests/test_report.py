@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from jaxmem import report
+from jaxmem import load_run, report
+from jaxmem.analysis import figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +68,9 @@ def test_report_of_a_run_without_finite_scores(fake_run_dir, tmp_path):
     with open(out, encoding="utf-8") as f:
         page = f.read()
     assert "no finite scores" in page and "<td>memorized (last epoch)</td><td>0</td>" in page
+    convergence = figures.estimator_convergence(load_run(run))  # nothing to plot: said so
+    assert [text.get_text() for text in convergence.axes[0].texts] == [
+        "no correlation to show: too few scores that differ"]
 
 
 @pytest.mark.parametrize("damage", ["missing", "config", "scores"])

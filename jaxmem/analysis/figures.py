@@ -209,15 +209,21 @@ def estimator_convergence(run: Run, path: str | None = None) -> Figure:
     fig = Figure(figsize=(5.0, 3.4))
     ax = fig.add_subplot()
     labels = {"plain": "plain (correct or not)", "margin": "margin estimate"}
+    plotted = False
     for name, marker in (("plain", "o"), ("margin", "s")):
         values = np.array([np.nan if v is None else v for v in curve[name]], float)
         if np.isfinite(values).any():
             ax.plot(curve["models"], values, marker=marker, label=labels[name])
+            plotted = True
     ax.set_xscale("log", base=2)
     ax.set_xticks(curve["models"], [str(k) for k in curve["models"]])
     ax.set_xlabel("models scoring")
     ax.set_ylabel(f"Spearman with {curve['reference_models']} other models")
     ax.set_title(f"Scores as models are added ({stats.run_label(run)})", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if plotted:
+        ax.legend(fontsize=8)
+    else:  # e.g. every model right on every example, or too few models for a score
+        ax.text(0.5, 0.5, "no correlation to show: too few scores that differ", ha="center",
+                va="center", transform=ax.transAxes, fontsize=9)
     return save(fig, path)
