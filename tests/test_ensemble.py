@@ -320,24 +320,32 @@ def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
     fake_device_memory(monkeypatch, bytes_limit=1 << 40, bytes_in_use=0, peak_bytes_in_use=0)
     sizes.clear()
     assert waves.plan_memory(trainer, 50).wave_size == 50 and sizes == [1, 50]
+    given = loop.Trainer(Config(**CONFIG, models_per_wave=7), DATASET)
+    assert waves.plan_memory(given, 50).wave_size == 7
 
 
-def test_a_wave_whose_programs_do_not_fit_is_made_smaller_before_it_runs(monkeypatch):
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_a_wave_whose_programs_do_not_fit_is_made_smaller_before_it_runs(monkeypatch, device):
     """A model's share of a wave's compiled bytes grows with the wave (BENCHMARKS.md): sized
-    from one model alone, the wave's own programs are compiled, and where they do not fit the
-    wave shrinks until they do; the last size compiled is the wave's."""
+    from one model alone (on CPU from the larger of that and a share of all the models), the
+    wave's own programs are compiled, and where they do not fit the wave shrinks until they
+    do; the last size compiled is the wave's."""
     from jaxmem.train import loop
 
-    fake_device_memory(monkeypatch, bytes_limit=int(22_500 / waves.MEMORY_FRACTION) + 1000,
-                       bytes_in_use=1000, peak_bytes_in_use=1000)
     sizes = []
     monkeypatch.setattr(waves, "compiled_bytes", lambda trainer, count: sizes.append(count)
                         or 100 * (10 + count) * count)  # a share of 100 (10 + count)
+    if device == "gpu":
+        fake_device_memory(monkeypatch, bytes_limit=int(22_500 / waves.MEMORY_FRACTION) + 1000,
+                           bytes_in_use=1000, peak_bytes_in_use=1000)
+        # one model: 1,100 -> 20 fit; 20 models: 3,000 each -> 7; 7 models: 1,700 (< 3,000)
+        expected = [1, 20, 7], 7, 3000
+    else:  # a model costs HOST_RESIDENT_FACTOR times its share on CPU
+        fake_host_budget(monkeypatch, int(31_500 / waves.MEMORY_FRACTION))
+        # all 50: 8,571 each -> 3 fit; one model: 1,571; 3 models: 1,857 (< 8,571)
+        expected = [50, 1, 3], 3, int(6000 * waves.HOST_RESIDENT_FACTOR)
     plan = waves.plan_memory(loop.Trainer(Config(**CONFIG), DATASET), 50)
-    # one model: 1,100 -> 20 fit; 20 models: 3,000 each -> 7; 7 models: 1,700 (< 3,000)
-    assert sizes == [1, 20, 7] and plan.wave_size == 7 and plan.planned_bytes_per_model == 3000
-    given = loop.Trainer(Config(**CONFIG, models_per_wave=7), DATASET)
-    assert waves.plan_memory(given, 50).wave_size == 7
+    assert (sizes, plan.wave_size, plan.planned_bytes_per_model) == expected
 
 
 @pytest.mark.parametrize("shared,models_per_pool", [(True, 8), (False, 4)])
