@@ -77,14 +77,19 @@ def make_folder(path: str | os.PathLike) -> None:
     sync_folder(parent)
 
 
-def free_bytes(path: str | os.PathLike) -> int | None:
-    """Bytes an unprivileged user may still write in the filesystem holding `path` (or its
-    nearest existing parent); None where that cannot be read."""
+def nearest_existing(path: str | os.PathLike) -> str:
+    """`path` made absolute, or its nearest parent that exists (where a file would go)."""
     path = os.path.abspath(path)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
+    return path
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged user may still write in the filesystem holding `path` (or its
+    nearest existing parent); None where that cannot be read."""
     try:
-        stats = os.statvfs(path)
+        stats = os.statvfs(nearest_existing(path))
     except OSError:
         return None
     return stats.f_bavail * stats.f_frsize

@@ -32,7 +32,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jaxmem.atomic import free_bytes
+from jaxmem.atomic import free_bytes, nearest_existing
 from jaxmem.errors import UserError
 from jaxmem.margins import SUM_BLOCK_BYTES, SUM_NAMES
 from jaxmem.rundir.heldout import ADD_BLOCK_BYTES
@@ -291,7 +291,7 @@ def disk_needs(shapes: RunShapes, null_permutations: int, remaining: int, wave: 
     items = {"work directory": finished + checkpoints, "run directory": run_dir,
              "replaced run directory": replaced, "present": folder_bytes(work)}
     items["total"] = finished + max(checkpoints, run_dir + replaced)
-    path = existing_parent(out or work)
+    path = nearest_existing(os.path.dirname(os.path.abspath(out or work)))
     return items, path, free_bytes(path)
 
 
@@ -305,12 +305,4 @@ def folder_bytes(path: str) -> int:
             except OSError:  # removed meanwhile
                 pass
     return total
-
-
-def existing_parent(path: str) -> str:
-    """The nearest existing folder at or above the parent of `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(folder):
-        folder = os.path.dirname(folder)
-    return folder
 
