@@ -305,4 +305,3 @@ def folder_bytes(path: str) -> int:
             except OSError:  # removed meanwhile
                 pass
     return total
-
