@@ -191,11 +191,12 @@ def plan_memory(trainer, num_models: int, reserved: int = 0, host_per_model: int
         if fitting_models(offered, per_model, count, num_models) == num_models:
             return dataclasses.replace(plan, wave_size=num_models,
                                        planned_bytes_per_model=per_model)
-        # smaller waves: their fixed costs weigh more per model
+        # a model costs the larger of its share of that wave and of one model alone
         per_model = max(per_model, bytes_per_model(count))
     else:
-        # GPU/TPU: the autotuner runs candidate kernels on the device with the program's own
-        # buffers, so only a size sure to fit is compiled to measure: one model per device
+        # GPU/TPU (or no more models than devices): the autotuner runs candidate kernels on
+        # the device with the program's own buffers, so only a size sure to fit is compiled
+        # to measure: one model per device
         per_model = bytes_per_model(count)
     size = fitting_models(offered, per_model, count, num_models)
     while size > count:
