@@ -108,10 +108,10 @@ def test_forward_passes_on_their_own_lowering_equal_the_training_lowering():
 
     config, indices = Config(**CONFIG), np.arange(3)
     masks = run_masks(config, DATASET.num_train)
-    spec = build_spec(config, DATASET, 2, "im2col")
+    spec = build_spec(config, DATASET, "im2col")
     same = Ensemble(spec, DATASET.image_shape, 64, make_mesh(), "vmap")
     own = Ensemble(spec, DATASET.image_shape, 64, make_mesh(), "vmap",
-                   build_spec(config, DATASET, 2, "xla"), "map")
+                   build_spec(config, DATASET, "xla"), "map")
     states = same.init(jax.random.key_data(keys.model_keys(3, keys.INIT, indices)))
     orders = model_orders(3, indices, masks, 0, 2, 64)
     x, y = jnp.asarray(DATASET.x_train), jnp.asarray(DATASET.y_train)
@@ -184,6 +184,7 @@ FOUR_DEVICES = textwrap.dedent("""
     from jaxmem.data.synthetic import make
     from jaxmem.masks import run_masks
     from jaxmem.train.loop import train_ensemble, build_spec
+    from jaxmem.train.optim import schedule_for
     from jaxmem.train.ensemble import Ensemble, make_mesh
     from jaxmem import keys
     assert len(jax.devices()) == 4
@@ -202,7 +203,7 @@ FOUR_DEVICES = textwrap.dedent("""
         assert (np.asarray(four.correct_train) != np.asarray(other.correct_train)).mean() < 0.01
     # The compiled step keeps each model on its device: no weight is gathered across devices
     # (the run's own program: 2 steps of 64 per epoch).
-    spec = build_spec(Config(**config), dataset, 2)
+    spec = build_spec(Config(**config), dataset)
     ens = Ensemble(spec, dataset.image_shape, 64, make_mesh(), "vmap")
     per_model = jax.device_put((  # laid out as a run lays them out, so the run's program
         jax.random.key_data(keys.model_keys(3, keys.INIT, np.arange(4))),
@@ -210,7 +211,7 @@ FOUR_DEVICES = textwrap.dedent("""
         jax.random.key_data(keys.model_keys(3, keys.AUGMENT, np.arange(4)))), ens.model_sharding)
     hlo = ens.train_step.lower(ens.init(per_model[0]), ens.zero_totals(4), *per_model[1:],
                                *jax.device_put((dataset.x_train, dataset.y_train), ens.replicated),
-                               0).compile().as_text()
+                               0, schedule_for(Config(**config), 2)).compile().as_text()
     assert "all-gather" not in hlo and "all-reduce" not in hlo, "cross-device traffic"
     # Each device draws its own models' batch orders (the same orders as on one device).
     from jaxmem.train import orders as loop
@@ -258,6 +259,22 @@ def test_free_memory_is_the_devices_or_the_hosts_shared(monkeypatch):
     assert (budget.bytes, budget.source, shared) == (500, "test", True)  # CPUs share the host
 
 
+def test_runs_of_other_lengths_and_learning_rates_lower_to_one_train_step():
+    """The schedule's numbers are arguments of the step, not constants of its program: the
+    pilot's lengths, and runs that differ only in epochs or lr, compile one program."""
+    from jaxmem.train import loop
+
+    def lowered(**changes):
+        trainer = loop.Trainer(Config(**{**CONFIG, **changes}), DATASET)
+        return trainer, trainer.ensemble.train_step.lower(
+            *waves.probe_arguments(trainer, 1)).as_text()
+
+    (short, text), (long, other) = lowered(), lowered(epochs=7, lr=0.05, lr_peak_fraction=0.5)
+    assert text == other
+    assert short.schedule != long.schedule  # what tells them apart: the values passed
+    assert float(long.schedule.total_steps) == 7 * long.steps
+
+
 def test_the_memory_probe_compiles_the_program_a_wave_runs():
     """The probe's train step is lowered from the arguments a wave passes (laid out over the
     model axis), so it measures that program, and a wave of its size reuses the compile (its
@@ -274,7 +291,7 @@ def test_the_memory_probe_compiles_the_program_a_wave_runs():
             ensemble.zero_totals(1),
             model_orders(3, indices, place(masks), 0, trainer.steps, 64, ensemble.model_sharding),
             place(jax.random.key_data(keys.model_keys(3, keys.AUGMENT, indices))),
-            trainer.x_train, trainer.y_train, 0)
+            trainer.x_train, trainer.y_train, 0, trainer.schedule)
     assert (ensemble.train_step.lower(*waves.probe_arguments(trainer, 1)).as_text()
             == ensemble.train_step.lower(*wave).as_text())
 

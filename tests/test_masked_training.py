@@ -19,6 +19,7 @@ from jaxmem.data.synthetic import make
 from jaxmem.masks import subset_masks
 from jaxmem.train.ensemble import ONCE_PER_WAVE_OPTIONS, Ensemble, make_mesh
 from jaxmem.train.loop import build_spec
+from jaxmem.train.optim import schedule_for
 from jaxmem.train.orders import model_orders, steps_per_epoch
 from jaxmem.train.step import init_state, train_step
 
@@ -43,7 +44,8 @@ def test_ensemble_training_equals_training_on_the_physical_subset(tmp_path):
     steps = steps_per_epoch(num, 0.7, BATCH)  # 4 steps, the last with 25 examples
     config = Config(arch="tiny_cnn", batch_size=BATCH, lr=0.2, epochs=1, flip=True, translate=1,
                     seed=SEED)
-    spec = build_spec(config, dataset, steps)
+    spec = build_spec(config, dataset)
+    schedule = schedule_for(config, steps)
     assert spec.flip and spec.translate == 1
     masks = subset_masks(SEED, MODELS, num, config.subset_ratio)
     orders = model_orders(SEED, MODELS, masks, 0, steps, BATCH)
@@ -52,7 +54,7 @@ def test_ensemble_training_equals_training_on_the_physical_subset(tmp_path):
 
     def train_ensemble(data):
         """The ensemble step built from `data` as a run builds it (normalisation included)."""
-        ensemble = Ensemble(build_spec(config, data, steps), data.image_shape, BATCH,
+        ensemble = Ensemble(build_spec(config, data), data.image_shape, BATCH,
                             make_mesh(), "vmap")
         images, labels = data.x_train, data.y_train
         states = ensemble.init(jax.random.key_data(keys.model_keys(SEED, keys.INIT, MODELS)))
@@ -60,7 +62,8 @@ def test_ensemble_training_equals_training_on_the_physical_subset(tmp_path):
         for step in range(steps):
             states, totals = ensemble.train_step(states, totals, orders,
                                                  jax.random.key_data(aug_keys),
-                                                 jnp.asarray(images), jnp.asarray(labels), step)
+                                                 jnp.asarray(images), jnp.asarray(labels), step,
+                                                 schedule)
         return states, jax.tree.map(np.asarray, totals)
 
     states, totals = train_ensemble(dataset)
@@ -72,7 +75,8 @@ def test_ensemble_training_equals_training_on_the_physical_subset(tmp_path):
     single = jax.jit(lambda key: init_state(spec, key, dataset.image_shape),  # as the ensemble's
                      compiler_options=ONCE_PER_WAVE_OPTIONS.get(jax.default_backend()))(
         keys.model_keys(SEED, keys.INIT, [k])[0])
-    step_fn = jax.jit(lambda s, xb, yb, ids, w: train_step(spec, s, xb, yb, ids, w, aug_keys[k]))
+    step_fn = jax.jit(lambda s, xb, yb, ids, w: train_step(spec, s, xb, yb, ids, w, aug_keys[k],
+                                                           schedule))
     order = np.asarray(orders[k])
     assert sorted(order[order < num]) == list(members)  # one epoch = the subset, once each
     for step in range(steps):

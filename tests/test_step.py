@@ -8,7 +8,8 @@ import pytest
 
 from jaxmem.train.step import StepSpec, normalize, weighted_loss
 
-SPEC = StepSpec(model=None, tx=optax.sgd(0.1), num_classes=4, mean=(0.5,), std=(0.25,))
+SPEC = StepSpec(model=None, optimizer=lambda schedule: optax.sgd(0.1), num_classes=4,
+                mean=(0.5,), std=(0.25,))
 
 
 @pytest.mark.parametrize("poison", [np.inf, -np.inf, np.nan])
@@ -36,7 +37,7 @@ def test_recomputed_batchnorm_statistics_are_the_subsets_own():
     from jaxmem import models
     from jaxmem.train.step import init_state, subset_batch_stats
 
-    spec = StepSpec(models.create("tiny_cnn", 4), optax.sgd(0.1), 4, (0.5,), (0.25,))
+    spec = StepSpec(models.create("tiny_cnn", 4), SPEC.optimizer, 4, (0.5,), (0.25,))
     images = jax.random.randint(jax.random.key(1), (12, 8, 8, 1), 0, 256).astype(jnp.uint8)
     state = init_state(spec, jax.random.key(0), (8, 8, 1))
     stale = jax.tree.map(lambda s: s + 3.0, state.batch_stats)  # far from any batch's

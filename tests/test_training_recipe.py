@@ -10,7 +10,7 @@ import pytest
 from jaxmem import models
 from jaxmem.config import Config
 from jaxmem.train.augment import augment
-from jaxmem.train.optim import make_optimizer, triangular_schedule
+from jaxmem.train.optim import Schedule, make_optimizer, schedule_for, triangular_schedule
 from jaxmem.train.step import (
     ModelState,
     StepSpec,
@@ -39,7 +39,7 @@ def schedule_values(schedule, steps):
 
 def test_schedule_rises_linearly_to_the_peak_then_falls_linearly_to_near_zero():
     peak, total, fraction = 0.4, 100, 0.25  # the peak is step 24 (x = P = 25)
-    lr = schedule_values(triangular_schedule(peak, total, fraction), total)
+    lr = schedule_values(triangular_schedule(Schedule.triangular(peak, total, fraction)), total)
     assert (lr > 0).all()
     assert lr[0] == pytest.approx(peak / 25, rel=1e-6) and lr[0] < 0.05 * peak
     assert lr[-1] == pytest.approx(peak / 76, rel=1e-6) and lr[-1] < 0.05 * peak
@@ -52,7 +52,7 @@ def test_schedule_rises_linearly_to_the_peak_then_falls_linearly_to_near_zero():
 
 @pytest.mark.parametrize("total,fraction", [(10, 0.25), (7, 0.5), (12, 0.0), (9, 1.0)])
 def test_schedule_matches_the_closed_form(total, fraction):
-    lr = schedule_values(triangular_schedule(0.3, total, fraction), total)
+    lr = schedule_values(triangular_schedule(Schedule.triangular(0.3, total, fraction)), total)
     want = [triangle(0.3, total, fraction, s) for s in range(total)]
     np.testing.assert_allclose(lr, want, rtol=1e-6)
     assert (lr > 0).all()
@@ -61,7 +61,7 @@ def test_schedule_matches_the_closed_form(total, fraction):
 def test_make_optimizer_spans_epochs_times_steps_per_epoch():
     # Plain SGD (momentum 0, no decay) with gradient 1: each update is -lr_t.
     config = Config(lr=0.4, epochs=3, lr_peak_fraction=0.25, momentum=0.0, weight_decay=0.0)
-    tx = make_optimizer(config, steps_per_epoch=4)  # 12 steps; peak at step 2
+    tx = make_optimizer(config, schedule_for(config, steps_per_epoch=4))  # 12 steps; peak at 2
     params = {"w": jnp.zeros(())}
     state, update = tx.init(params), jax.jit(tx.update)
     lrs = []
@@ -82,7 +82,7 @@ def test_sgd_is_nesterov_momentum_with_coupled_weight_decay():
     config = Config(lr=0.4, epochs=2, lr_peak_fraction=0.25)  # momentum 0.9, wd 5e-4
     assert (config.momentum, config.weight_decay) == (0.9, 5e-4)
     steps_per_epoch = 5  # 10 steps, P = 2.5 (not a whole step)
-    tx = make_optimizer(config, steps_per_epoch)
+    tx = make_optimizer(config, schedule_for(config, steps_per_epoch))
     rng = np.random.default_rng(0)
     params = {"a": rng.normal(size=3).astype(np.float32),
               "b": {"c": rng.normal(size=(2, 2)).astype(np.float32)}}

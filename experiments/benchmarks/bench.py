@@ -102,6 +102,7 @@ class Bench:
         from jaxmem.data.dataset import Dataset
         from jaxmem.masks import subset_masks
         from jaxmem.train import loop, orders
+        from jaxmem.train.optim import schedule_for
 
         self.args, self.jax, self.jnp = args, jax, jnp
         batch = args.batch_size
@@ -122,7 +123,8 @@ class Bench:
             args.conv_impl, args.ensemble, args.eval_batch_size)
         self.config = Config(arch=args.arch, batch_size=batch, dtype=args.dtype,
                              conv_impl=self.conv_impl, ensemble=self.strategy)
-        self.spec = loop.build_spec(self.config, dataset, self.steps)
+        self.spec = loop.build_spec(self.config, dataset)
+        self.schedule = schedule_for(self.config, self.steps)
         self.x = jax.device_put(dataset.x_train)
         self.y = jax.device_put(dataset.y_train)
         self.masks = subset_masks(0, np.arange(max(self.sweep_sizes(args))), dataset.num_train,
@@ -139,7 +141,7 @@ class Bench:
     def spec_with(self, conv_impl: str):
         from jaxmem.train import loop
 
-        return loop.build_spec(self.config, self.dataset, self.steps, conv_impl)
+        return loop.build_spec(self.config, self.dataset, conv_impl)
 
     def ensemble_step(self, num_models: int, spec, strategy: str) -> dict:
         """Time Ensemble.train_step (and Ensemble.evaluate) for M models."""
@@ -159,13 +161,13 @@ class Bench:
         totals = ensemble.zero_totals(num_models)
         tic = time.perf_counter()
         flops = compiled_flops(ensemble.train_step, states, totals, orders, aug, self.x, self.y,
-                               0)
+                               0, self.schedule)
         holder = {"states": states, "totals": totals, "step": 0}
 
         def run():
             holder["states"], holder["totals"] = ensemble.train_step(
                 holder["states"], holder["totals"], orders, aug, self.x, self.y,
-                holder["step"] % self.steps)
+                holder["step"] % self.steps, self.schedule)
             holder["step"] += 1
             return holder["totals"]
 
@@ -199,7 +201,7 @@ class Bench:
             weights = (ids < num).astype(jnp.float32)
             ids = jnp.minimum(ids, num - 1)
             return step_lib.train_step(spec, state, self.x[ids], self.y[ids], ids, weights,
-                                       aug_key)
+                                       aug_key, self.schedule)
 
         jitted = jax.jit(one, donate_argnums=(0,))
         flops = compiled_flops(jitted, state, 0)

@@ -118,7 +118,7 @@ class Ensemble:
                             compiler_options=ONCE_PER_WAVE_OPTIONS.get(
                                 self.mesh.devices.flat[0].platform))
         self.train_step = jax.jit(
-            self._sharded(self._train_step, (P(AXIS),) * 4 + (P(),) * 3,
+            self._sharded(self._train_step, (P(AXIS),) * 4 + (P(),) * 4,
                           (P(AXIS), P(AXIS))),
             donate_argnums=(0,))
         self.evaluate = jax.jit(
@@ -148,10 +148,10 @@ class Ensemble:
 
         return map_models(one, self.strategy, (0,))(init_keys)
 
-    def _train_step(self, states, totals, orders, aug_keys, images, labels, step):
+    def _train_step(self, states, totals, orders, aug_keys, images, labels, step, schedule):
         """states [M..], totals (StepTotals of [M]), orders [M, S*B] (each model's own example
         order for the epoch, N marks padding), aug_keys [M] (this epoch's), images [N,H,W,Ch] uint8,
-        labels [N], step [].
+        labels [N], step [] (within the epoch), schedule (optim.Schedule, the same for all).
 
         Each model gathers its own batch from its own subset, so no compute is spent on
         held-out examples (with one shared batch and 0/1 masks, a share 1 - r of it was: 30% at
@@ -163,7 +163,7 @@ class Ensemble:
             weights = (ids < num_examples).astype(jnp.float32)
             ids = jnp.minimum(ids, num_examples - 1)
             return step_lib.train_step(self.spec, state, images[ids], labels[ids], ids,
-                                       weights, jax.random.wrap_key_data(key_data))
+                                       weights, jax.random.wrap_key_data(key_data), schedule)
 
         states, stats = map_models(one, self.strategy, (0, 0, 0))(states, orders, aug_keys)
         return states, jax.tree.map(jnp.add, totals, stats)

@@ -29,7 +29,7 @@ from jaxmem.train import lowering
 from jaxmem.train.checkpoint import Checkpoint, WorkDir
 from jaxmem.train.ensemble import Ensemble, make_mesh
 from jaxmem.train.finished import FinishedModels
-from jaxmem.train.optim import make_optimizer
+from jaxmem.train.optim import make_optimizer, schedule_for
 from jaxmem.train.orders import model_orders, steps_per_epoch
 from jaxmem.train.plan import RunPlan, plan_run
 from jaxmem.train.preemption import EXIT_PREEMPTED, Preempted, StopSignals
@@ -48,16 +48,16 @@ class DivergedError(UserError):
     """Some models' loss became NaN/inf and --drop-diverged was not given."""
 
 
-def build_spec(config: Config, dataset: Dataset, steps_per_epoch: int,
-               conv_impl: str | None = None) -> StepSpec:
-    """The step's model, optimiser and augmentation; conv_impl (default: the training
-    lowering of config.conv_impl) changes only how convolutions are computed."""
+def build_spec(config: Config, dataset: Dataset, conv_impl: str | None = None) -> StepSpec:
+    """The step's model, optimiser and augmentation (the learning rate's schedule is an
+    argument of the step: `Trainer.schedule`); conv_impl (default: the training lowering of
+    config.conv_impl) changes only how convolutions are computed."""
     conv_impl = conv_impl or lowering.resolve(config.conv_impl, config.ensemble)[0]
     model = models.create(config.arch, dataset.num_classes, conv_impl=conv_impl,
                           dtype=config.dtype)
     flip = dataset.flip if config.flip is None else config.flip
     translate = dataset.translate if config.translate is None else config.translate
-    return StepSpec(model, make_optimizer(config, steps_per_epoch), dataset.num_classes,
+    return StepSpec(model, functools.partial(make_optimizer, config), dataset.num_classes,
                     dataset.mean, dataset.std, flip, translate, config.label_smoothing)
 
 
@@ -67,13 +67,14 @@ class Trainer:
     def __init__(self, config: Config, dataset: Dataset, devices=None):
         self.config, self.dataset = config, dataset
         self.steps = steps_per_epoch(dataset.num_train, config.subset_ratio, config.batch_size)
+        self.schedule = schedule_for(config, self.steps)
         _, strategy = lowering.resolve(config.conv_impl, config.ensemble)
         eval_conv, eval_strategy, self.eval_batch_size = lowering.resolve_eval(
             config.conv_impl, config.ensemble, config.eval_batch_size)
         self.mesh = make_mesh(devices)
-        self.ensemble = Ensemble(build_spec(config, dataset, self.steps), dataset.image_shape,
+        self.ensemble = Ensemble(build_spec(config, dataset), dataset.image_shape,
                                  config.batch_size, self.mesh, strategy,
-                                 build_spec(config, dataset, self.steps, eval_conv),
+                                 build_spec(config, dataset, eval_conv),
                                  eval_strategy)
         put = lambda a: jax.device_put(a, self.ensemble.replicated)  # noqa: E731
         self.x_train, self.y_train = put(dataset.x_train), put(dataset.y_train)
@@ -216,7 +217,7 @@ class Trainer:
         self._plan_clock = None  # plan timing stays within one epoch
         for step in range(first_step, self.steps):
             states, totals = ensemble.train_step(states, totals, orders, aug_keys,
-                                                 self.x_train, self.y_train, step)
+                                                 self.x_train, self.y_train, step, self.schedule)
             if compiling and step == first_step:  # this wave's first step compiles
                 jax.block_until_ready(totals)
                 warm = time.perf_counter()

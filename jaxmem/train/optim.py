@@ -12,13 +12,41 @@ deep learning models"):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxmem.config import Config
 
 
-def triangular_schedule(peak: float, total_steps: int, peak_fraction: float):
+class Schedule(NamedTuple):
+    """The triangular schedule's numbers (each [] float32). The train step takes them as
+    arguments, not as constants of its compiled program, so one program serves every length
+    and peak of one model and batch: the pilot's lengths and runs of other epochs or lr reuse
+    it (from a persistent compilation cache, where one is set)."""
+
+    peak: np.ndarray
+    peak_step: np.ndarray
+    total_steps: np.ndarray
+
+    @classmethod
+    def triangular(cls, peak: float, total_steps: int, peak_fraction: float) -> Schedule:
+        return cls(*np.float32([peak, peak_fraction * total_steps, total_steps]))
+
+
+# Any Schedule gives the optimiser state the same structure: what `init` builds it with.
+STATE_ONLY = Schedule.triangular(0.0, 1, 0.5)
+
+
+def schedule_for(config: Config, steps_per_epoch: int) -> Schedule:
+    """The schedule spans epochs * steps_per_epoch steps."""
+    return Schedule.triangular(config.lr, config.epochs * steps_per_epoch,
+                               config.lr_peak_fraction)
+
+
+def triangular_schedule(schedule: Schedule):
     """Linear rise from ~0 to `peak` over peak_fraction of training, then linear decay to ~0.
 
     With T = total_steps and P = peak_fraction * T, step s (0-based) gets
@@ -26,18 +54,16 @@ def triangular_schedule(peak: float, total_steps: int, peak_fraction: float):
     line through 0 before the first step, `peak` at step P - 1 (when P is whole) and 0 one step
     after the last.
     """
-    peak_step = peak_fraction * total_steps
-    return lambda step: jnp.interp(step + 1.0, jnp.array([0.0, peak_step, total_steps + 1.0]),
-                                   jnp.array([0.0, peak, 0.0]))
+    peak, peak_step, total = schedule
+    return lambda step: jnp.interp(step + 1.0, jnp.stack([0.0, peak_step, total + 1.0]),
+                                   jnp.stack([0.0, peak, 0.0]))
 
 
-def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The schedule spans epochs * steps_per_epoch steps; decay is coupled (g + wd * w goes
-    through the momentum), not AdamW-style decoupled."""
-    schedule = triangular_schedule(config.lr, config.epochs * steps_per_epoch,
-                                   config.lr_peak_fraction)
+def make_optimizer(config: Config, schedule: Schedule) -> optax.GradientTransformation:
+    """Decay is coupled (g + wd * w goes through the momentum), not AdamW-style decoupled."""
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay),  # wd: the paper's; coupled: ours
         # momentum: the paper's; Nesterov: ours (momentum 0 = plain SGD)
-        optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.momentum > 0),
+        optax.sgd(triangular_schedule(schedule), momentum=config.momentum or None,
+                  nesterov=config.momentum > 0),
     )

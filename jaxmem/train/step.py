@@ -10,6 +10,7 @@ not depend on the rest of its evaluation batch.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -20,6 +21,7 @@ from flax import linen as nn
 from jaxmem import margins
 from jaxmem.models.layers import BN_MOMENTUM
 from jaxmem.train.augment import augment
+from jaxmem.train.optim import STATE_ONLY, Schedule
 
 
 class ModelState(NamedTuple):
@@ -42,7 +44,7 @@ class StepSpec:
     """Everything static a step closes over (hashable by identity, so jit traces once)."""
 
     model: nn.Module
-    tx: optax.GradientTransformation
+    optimizer: Callable[[Schedule], optax.GradientTransformation]
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -66,7 +68,8 @@ def train_inputs(spec: StepSpec, images, example_ids, key):
 def init_state(spec: StepSpec, key, image_shape) -> ModelState:
     variables = spec.model.init(key, jnp.zeros((1, *image_shape), jnp.float32), False)
     params = variables["params"]
-    return ModelState(params, variables.get("batch_stats", {}), spec.tx.init(params))
+    return ModelState(params, variables.get("batch_stats", {}),
+                      spec.optimizer(STATE_ONLY).init(params))
 
 
 def weighted_loss(spec: StepSpec, logits, labels, weights):
@@ -81,12 +84,14 @@ def weighted_loss(spec: StepSpec, logits, labels, weights):
     return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-def train_step(spec: StepSpec, state: ModelState, images, labels, example_ids, weights, key):
+def train_step(spec: StepSpec, state: ModelState, images, labels, example_ids, weights, key,
+               schedule: Schedule):
     """One SGD step of one model on a batch drawn from its own subset.
 
     images [B,H,W,Ch] uint8, labels [B], example_ids [B] (dataset indices, for augmentation
     keys), weights [B] float: 1, or 0 for the padding of an epoch's last batch (no loss, no
-    BatchNorm statistics), key: this model's augmentation key for the epoch.
+    BatchNorm statistics), key: this model's augmentation key for the epoch, schedule: the
+    learning rate's (the step's position in it is in the optimiser state).
     Returns the new state and this step's StepTotals.
     """
     x = train_inputs(spec, images, example_ids, key)
@@ -99,7 +104,7 @@ def train_step(spec: StepSpec, state: ModelState, images, labels, example_ids, w
         return weighted_loss(spec, logits, labels, weights), (updates["batch_stats"], logits)
 
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = spec.optimizer(schedule).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     weight_sum = weights.sum()
     correct = jnp.where(weights > 0, (logits.argmax(-1) == labels) * weights, 0.0).sum()

@@ -242,7 +242,8 @@ def probe_arguments(trainer, count: int) -> tuple:
                           jax.eval_shape(ensemble.init, keys_shape))
     totals = step_lib.StepTotals(*[sharded((count,), jnp.float32)] * 3)
     orders = sharded((count, trainer.steps * trainer.config.batch_size), jnp.int32)
-    return states, totals, orders, keys_shape, trainer.x_train, trainer.y_train, 0
+    return (states, totals, orders, keys_shape, trainer.x_train, trainer.y_train, 0,
+            trainer.schedule)
 
 
 def dataset_bytes(trainer) -> int:
