@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,14 +17,17 @@ def subset_size(num_examples: int, ratio: float) -> int:
 
 def subset_masks(seed: int, model_indices, num_examples: int, ratio: float) -> np.ndarray:
     """[M, N] bool; row k depends only on (seed, model_indices[k], N, ratio)."""
-    size = subset_size(num_examples, ratio)
     model_keys = keys.model_keys(seed, keys.MASKS, np.asarray(model_indices, np.int64))
+    return np.asarray(_draw(model_keys, num_examples, subset_size(num_examples, ratio)))
 
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _draw(model_keys, num_examples: int, size: int):
     def one(key):
         chosen = jax.random.permutation(key, num_examples)[:size]
         return jnp.zeros(num_examples, bool).at[chosen].set(True)
 
-    return np.asarray(jax.jit(jax.vmap(one))(model_keys))
+    return jax.vmap(one)(model_keys)
 
 
 def run_masks(config, num_examples: int) -> np.ndarray:

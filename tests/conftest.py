@@ -34,6 +34,14 @@ def _dataset_labels(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     return loaded.y_train, loaded.y_test
 
 
+def normal(seed: int, shape):
+    """A jax array of float32 standard normal values drawn with numpy: test inputs whose values
+    do not matter, without compiling a jax.random program for each shape."""
+    import jax.numpy as jnp
+
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
+
+
 def write_fake_run(path: str, *, arch: str = "tiny_cnn", dataset: str = "digits",
                    num_models: int = 16, num_train: int | None = None,
                    num_test: int | None = None, num_classes: int = 10,

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import normal
 from flax import linen as nn
 
 from jaxmem.models.layers import CONV_IMPLS, BatchNorm, conv2d, max_pool_2x2
@@ -12,8 +13,8 @@ from jaxmem.models.layers import CONV_IMPLS, BatchNorm, conv2d, max_pool_2x2
 @pytest.mark.parametrize("shape,kernel,strides", [
     ((2, 8, 8, 3), 3, 1), ((2, 7, 9, 4), 3, 2), ((1, 8, 8, 2), 1, 1)])
 def test_conv_impls_agree_in_value_and_gradient(shape, kernel, strides):
-    x = jax.random.normal(jax.random.key(0), shape)
-    w = jax.random.normal(jax.random.key(1), (kernel, kernel, shape[-1], 5))
+    x = normal(0, shape)
+    w = normal(1, (kernel, kernel, shape[-1], 5))
     ref = None
     for impl in CONV_IMPLS:
         f = lambda x, w, impl=impl: conv2d(x, w, strides, impl)  # noqa: E731
@@ -28,15 +29,15 @@ def test_conv_impls_agree_in_value_and_gradient(shape, kernel, strides):
 
 
 def test_conv_impls_agree_under_vmap():
-    xs = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 4))
-    ws = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 5))
+    xs = normal(0, (3, 2, 6, 6, 4))
+    ws = normal(1, (3, 3, 3, 4, 5))
     outs = [jax.vmap(lambda x, w, i=impl: conv2d(x, w, 1, i))(xs, ws) for impl in CONV_IMPLS]
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_batchnorm_with_empty_mask_keeps_statistics_and_stays_finite():
     bn = BatchNorm()
-    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2)) * 3 + 1
+    x = normal(0, (4, 3, 3, 2)) * 3 + 1
     variables = bn.init(jax.random.key(0), x, False)
     out, updates = bn.apply(variables, x, True, jnp.zeros(4, bool), mutable=["batch_stats"])
     assert np.isfinite(np.asarray(out)).all()
@@ -48,7 +49,7 @@ def test_batchnorm_with_empty_mask_keeps_statistics_and_stays_finite():
 
 def test_batchnorm_mask_equals_subset():
     bn = BatchNorm()
-    x = jax.random.normal(jax.random.key(0), (6, 2, 2, 3))
+    x = normal(0, (6, 2, 2, 3))
     mask = jnp.array([1, 0, 1, 1, 0, 1], bool)
     variables = bn.init(jax.random.key(0), x, False)
     full, full_stats = bn.apply(variables, x, True, mask, mutable=["batch_stats"])
@@ -61,7 +62,7 @@ def test_batchnorm_mask_equals_subset():
 @pytest.mark.parametrize("poison", [np.inf, np.nan])
 def test_batchnorm_rows_outside_the_mask_change_nothing_even_when_not_finite(poison):
     bn = BatchNorm()
-    x = jax.random.normal(jax.random.key(1), (6, 2, 2, 3))
+    x = normal(1, (6, 2, 2, 3))
     mask = jnp.array([1, 0, 1, 1, 0, 1], bool)
     variables = bn.init(jax.random.key(0), x, False)
 
@@ -81,7 +82,7 @@ def test_batchnorm_rows_outside_the_mask_change_nothing_even_when_not_finite(poi
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 4), (1, 2, 2, 1)])
 def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(shape):
-    x = jax.random.normal(jax.random.key(0), shape)  # no ties: the gradients agree exactly
+    x = normal(0, shape)  # no ties: the gradients agree exactly
 
     def flax_pool(v):
         return nn.max_pool(v, (2, 2), (2, 2))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import normal
 from safetensors.numpy import save_file
 from scipy.special import erf
 
@@ -105,7 +106,7 @@ def test_held_out_examples_have_no_influence(name):
     """Masked BatchNorm: the kept examples get the logits and running statistics they would get
     from the physically subsetted batch, and a held-out example's pixels change nothing."""
     model = create(name, 10)
-    images = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    images = normal(1, (4, 8, 8, 3))
     mask = jnp.array([True, False, True, True])
     variables = _numpy_variables(model, (8, 8, 3), seed=2)
     apply = jax.jit(lambda variables, x, mask: model.apply(variables, x, True, mask,
@@ -123,7 +124,7 @@ def test_held_out_examples_have_no_influence(name):
         jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(variables["batch_stats"]),
         strict=True))
 
-    changed = images.at[1].set(1e3 * jax.random.normal(jax.random.key(3), (8, 8, 3)))
+    changed = images.at[1].set(1e3 * normal(3, (8, 8, 3)))
     changed_logits, changed_updates = apply(variables, changed, mask)
     np.testing.assert_array_equal(changed_logits[np.asarray(mask)], logits[np.asarray(mask)])
     jax.tree.map(np.testing.assert_array_equal, changed_updates, updates)
