@@ -162,7 +162,17 @@ class StopSignals:
         self.steps += 1
         if self.steps == self._test_signal[0]:
             signal.raise_signal(self._test_signal[1])  # handled before it returns
+            if self._multiprocess:
+                self._await_agreement()
         return self.poll()
+
+    def _await_agreement(self, timeout: float = 60.0) -> None:
+        """Tests: the preemption service spreads the notice on its own threads, in up to a
+        second or so, while a small test run's steps take milliseconds: wait for the agreed
+        stop, so that the signal lands at the step the test names."""
+        deadline = time.monotonic() + timeout
+        while not self.poll() and time.monotonic() < deadline:
+            time.sleep(SYNC_TICK_SECONDS)
 
 
 class Remembered:

@@ -210,7 +210,8 @@ def run_multiprocess(config: Config, out: str, overwrite: bool, resume: bool,
                            recorded=recorded)
     if not wait_for_parts(parts, stopped=preemption.agreed_stop):
         raise Preempted(f"SIGTERM received: models {bounds[me]}..{bounds[me + 1] - 1} are "
-                        f"finished in {parts[me]}, the other processes checkpointed theirs; "
+                        f"finished in {parts[me]}, the other parts are checkpointed or "
+                        "finished in their own folders; "
                         "rerun the same command with --resume to continue (exit status "
                         f"{preemption.EXIT_PREEMPTED})")
     if me == 0:
