@@ -67,7 +67,6 @@ class Trainer:
     def __init__(self, config: Config, dataset: Dataset, devices=None):
         self.config, self.dataset = config, dataset
         self.steps = steps_per_epoch(dataset.num_train, config.subset_ratio, config.batch_size)
-        self.schedule = schedule_for(config, self.steps)
         _, strategy = lowering.resolve(config.conv_impl, config.ensemble)
         eval_conv, eval_strategy, self.eval_batch_size = lowering.resolve_eval(
             config.conv_impl, config.ensemble, config.eval_batch_size)
@@ -79,6 +78,7 @@ class Trainer:
         put = lambda a: jax.device_put(a, self.ensemble.replicated)  # noqa: E731
         self.x_train, self.y_train = put(dataset.x_train), put(dataset.y_train)
         self.x_test, self.y_test = put(dataset.x_test), put(dataset.y_test)
+        self.schedule = put(schedule_for(config, self.steps))  # on the devices once, too
         self.eval_epochs = config.eval_epochs()
         # called once with the seconds per step measured after compiling and the seconds
         # of one evaluation projected from a timed part of it (`_time_evaluation`)
