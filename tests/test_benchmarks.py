@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 
 import jax
@@ -108,3 +109,29 @@ def test_the_rehearsal_writes_and_loads_its_synthetic_run(tmp_path):
     loaded = rehearsal.child_load(args)
     assert 0 < loaded["memorized"] <= 0.1 * 400  # the memorized kind: 5% of the examples
     assert loaded["correct_bits_set"] > 0
+
+
+def test_the_suite_compile_census_reads_what_jax_logs_of_its_cache(tmp_path, capsys):
+    """Through jax's own cache messages (the suite's persistent cache): a program never seen
+    before is one miss with its seconds, the same program jitted anew is a hit."""
+    import logging
+    import time
+
+    census = load_script("suite_compiles")
+    logger = logging.getLogger("jax._src.compiler")
+    recorder, level = census._Recorder(str(tmp_path / "1.log")), logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(recorder)
+    census._current["test"] = "tests/t.py::fresh"
+    unique = float(time.time_ns() % 10**9)  # a constant no earlier session compiled
+    try:
+        for _ in range(2):  # a new function object each time: traced and looked up again
+            jax.jit(lambda x: x * unique + 1.0)(jnp.float32(2.0)).block_until_ready()
+    finally:
+        logger.removeHandler(recorder)
+        logger.setLevel(level)
+    census.summarise(str(tmp_path))
+    printed = capsys.readouterr().out
+    # misses, distinct programs and hits of the lambda's program (jnp.float32 may add one)
+    assert re.search(r"\n +[0-9.]+ +1 +1 +1  jit__lambda\n", printed), printed
+    assert "tests/t.py::fresh" in printed
