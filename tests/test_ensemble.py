@@ -91,6 +91,17 @@ def test_unknown_strategy_is_a_one_line_user_error(name):
     assert lowering.resolve("xla", "vmap:8", "cpu") == ("xla", "vmap:8")
 
 
+def test_an_architecture_measured_apart_gets_its_own_row_else_its_backends(monkeypatch):
+    monkeypatch.setitem(lowering.BEST, ("cpu", "tiny_cnn"), ("xla", "map"))
+    monkeypatch.setitem(lowering.EVAL_BEST, ("cpu", "tiny_cnn"), ("im2col", "vmap", 64))
+    assert lowering.resolve("auto", "auto", "cpu", "tiny_cnn") == ("xla", "map")
+    assert lowering.resolve("im2col", "auto", "cpu", "tiny_cnn") == ("im2col", "map")
+    assert lowering.resolve("auto", "auto", "cpu", "small_vgg") == lowering.BEST["cpu"]
+    assert lowering.resolve("auto", "auto", "rocm", "tiny_cnn") == lowering.BEST["gpu"]
+    assert lowering.resolve_eval("auto", "auto", 0, "cpu", "tiny_cnn") == ("im2col", "vmap", 64)
+    assert lowering.resolve_eval("auto", "map", 8, "cpu", "tiny_cnn") == ("im2col", "map", 8)
+
+
 def test_forward_passes_take_explicit_choices_else_their_own_measured_best(monkeypatch):
     monkeypatch.setitem(lowering.EVAL_BEST, "cpu", ("xla", "map", 96))
     assert lowering.resolve_eval("auto", "auto", 0, "cpu") == ("xla", "map", 96)

@@ -52,7 +52,8 @@ def build_spec(config: Config, dataset: Dataset, conv_impl: str | None = None) -
     """The step's model, optimiser and augmentation (the learning rate's schedule is an
     argument of the step: `Trainer.schedule`); conv_impl (default: the training lowering of
     config.conv_impl) changes only how convolutions are computed."""
-    conv_impl = conv_impl or lowering.resolve(config.conv_impl, config.ensemble)[0]
+    conv_impl = conv_impl or lowering.resolve(config.conv_impl, config.ensemble,
+                                              arch=config.arch)[0]
     model = models.create(config.arch, dataset.num_classes, conv_impl=conv_impl,
                           dtype=config.dtype)
     flip = dataset.flip if config.flip is None else config.flip
@@ -67,9 +68,9 @@ class Trainer:
     def __init__(self, config: Config, dataset: Dataset, devices=None):
         self.config, self.dataset = config, dataset
         self.steps = steps_per_epoch(dataset.num_train, config.subset_ratio, config.batch_size)
-        _, strategy = lowering.resolve(config.conv_impl, config.ensemble)
+        _, strategy = lowering.resolve(config.conv_impl, config.ensemble, arch=config.arch)
         eval_conv, eval_strategy, self.eval_batch_size = lowering.resolve_eval(
-            config.conv_impl, config.ensemble, config.eval_batch_size)
+            config.conv_impl, config.ensemble, config.eval_batch_size, arch=config.arch)
         self.mesh = make_mesh(devices)
         self.ensemble = Ensemble(build_spec(config, dataset), dataset.image_shape,
                                  config.batch_size, self.mesh, strategy,

@@ -92,7 +92,8 @@ def run(config: Config, out: str, overwrite: bool = False, resume: bool = False,
     if overwrite and resume:
         raise UserError("--overwrite excludes --resume (--overwrite starts again, --resume "
                         "continues)")
-    lowering.resolve(config.conv_impl, config.ensemble)  # bad names fail before any work
+    # bad names fail before any work
+    lowering.resolve(config.conv_impl, config.ensemble, arch=config.arch)
     models.create(config.arch, 2, dtype=config.dtype)
     if config.until_se is not None and (config.model_range or jax.process_count() > 1):
         raise UserError("--until-se chooses K from the scores of all models, which one part "
@@ -182,9 +183,9 @@ def data_info(dataset, planted: canaries.Canaries, fingerprints: dict[str, str])
 
 def provenance(config: Config, info: DataInfo) -> dict:
     """How this process computes the run: recorded in config.json beside the settings."""
-    conv_impl, ensemble = lowering.resolve(config.conv_impl, config.ensemble)
+    conv_impl, ensemble = lowering.resolve(config.conv_impl, config.ensemble, arch=config.arch)
     eval_conv, eval_ensemble, eval_batch = lowering.resolve_eval(
-        config.conv_impl, config.ensemble, config.eval_batch_size)
+        config.conv_impl, config.ensemble, config.eval_batch_size, arch=config.arch)
     return {"resolved": {"conv_impl": conv_impl, "ensemble": ensemble,
                          "eval_conv_impl": eval_conv, "eval_ensemble": eval_ensemble,
                          "eval_batch_size": eval_batch},
