@@ -226,9 +226,12 @@ class RunPlan:
         disk = ("" if self.disk_free is None else
                 f"; disk {gib(self.disk_need)} under {self.disk_path} ({gib(self.disk_free)} "
                 "free)")
+        cap = memory.per_device_cap
+        capped = ("" if cap is None or memory.wave_size < cap * memory.devices else
+                  f", {cap} per device so that no array exceeds what its kernels can index")
         return (f"plan: device {device} + {gib(self.device_dataset)} of data{per}, waves of "
-                f"up to {memory.wave_size} models (budget {gib(memory.budget_bytes)}{per} from "
-                f"{memory.budget.source}); host {gib(self.host_peak)} at most "
+                f"up to {memory.wave_size} models{capped} (budget {gib(memory.budget_bytes)}"
+                f"{per} from {memory.budget.source}); host {gib(self.host_peak)} at most "
                 f"({gib(self.host_in_use)} held + {gib(self.host['results'])} results + "
                 f"{gib(max(self.host['wave'], self.host['writing']))} for a wave or the "
                 f"writing; {gib(self.host_budget.bytes)} free from {self.host_budget.source})"

@@ -16,8 +16,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxmem.errors import UserError
 from jaxmem.sizes import gib
-from jaxmem.train import host_memory
+from jaxmem.train import array_sizes, host_memory
 from jaxmem.train import step as step_lib
 
 
@@ -103,7 +104,8 @@ class MemoryPlan:
     each CPU device's budget the run's results take (none on GPU/TPU, whose results live on
     the host). `planned_bytes_per_model`: one model's compiled programs (the dataset left
     out; on CPU times HOST_RESIDENT_FACTOR, plus its host arrays), None where
-    --models-per-wave was given."""
+    --models-per-wave was given. `per_device_cap`: the most models one device may hold with
+    every array within the backend's element limit (array_sizes.py; None: no limit)."""
 
     wave_size: int
     budget: host_memory.Budget
@@ -112,6 +114,7 @@ class MemoryPlan:
     baseline: int | None
     planned_bytes_per_model: int | None
     reserved: int = 0
+    per_device_cap: int | None = None
 
     @property
     def room(self) -> int:
@@ -135,7 +138,8 @@ class MemoryPlan:
         measured = self.measured_bytes_per_model(peak, padded, held)
         if measured is None or self.planned_bytes_per_model is None:
             return min(remaining, self.wave_size)
-        return fitting_models(MEASURED_FRACTION * self.room, measured, self.devices, remaining)
+        return fitting_models(MEASURED_FRACTION * self.room, measured, self.devices, remaining,
+                              self.per_device_cap)
 
     @property
     def budget_bytes(self) -> int:
@@ -155,6 +159,7 @@ class MemoryPlan:
                 "budget_source": self.budget.source, "budget_per": "process" if self.shared
                 else "device", "models_per_wave": self.wave_size,
                 "planned_bytes_per_model": self.planned_bytes_per_model,
+                "models_per_device_cap": self.per_device_cap,
                 "measured_peak_bytes_per_model": max(measured) if measured else None}
 
 
@@ -168,14 +173,22 @@ def plan_memory(trainer, num_models: int, reserved: int = 0, host_per_model: int
     sized is compiled too (the programs it runs) and made smaller while it does not fit. On CPU
     `reserved` bytes of the host's budget are kept for the run's results, and a model costs
     HOST_RESIDENT_FACTOR times its compiled bytes (the analysis undercounts resident memory)
-    plus `host_per_model` bytes of host arrays."""
+    plus `host_per_model` bytes of host arrays. No wave puts more models on a device than
+    keep its arrays within the backend's element limit (`per_device_cap`)."""
     config, devices = trainer.config, list(trainer.mesh.devices.flat)
     count = len(devices)
     budget, shared = free_memory(devices, config.host_memory)
     baseline = memory_in_use(devices)
     kept = reserved // count if shared else 0
-    plan = MemoryPlan(config.models_per_wave, budget, count, shared, baseline, None, kept)
+    cap = per_device_cap(trainer)
+    plan = MemoryPlan(config.models_per_wave, budget, count, shared, baseline, None, kept, cap)
     if config.models_per_wave:
+        given = padded_size(min(config.models_per_wave, num_models), count) // count
+        if cap is not None and given > cap:
+            raise UserError(
+                f"--models-per-wave={config.models_per_wave} puts {given} models on a device, "
+                f"whose arrays would exceed the {array_limit(trainer):,} elements its kernels "
+                f"can index; give at most {cap * count} (or 0 to plan the waves)")
         return plan
     offered = MEMORY_FRACTION * plan.room
 
@@ -188,7 +201,7 @@ def plan_memory(trainer, num_models: int, reserved: int = 0, host_per_model: int
         # CPU: a compile allocates nothing, so a wave of all the models is measured first;
         # where it fits, that wave runs the very programs measured (nothing compiled twice)
         per_model = bytes_per_model(whole)
-        if fitting_models(offered, per_model, count, num_models) == num_models:
+        if fitting_models(offered, per_model, count, num_models, cap) == num_models:
             return dataclasses.replace(plan, wave_size=num_models,
                                        planned_bytes_per_model=per_model)
         # a model costs the larger of its share of that wave and of one model alone
@@ -198,22 +211,44 @@ def plan_memory(trainer, num_models: int, reserved: int = 0, host_per_model: int
         # the device with the program's own buffers, so only a size sure to fit is compiled
         # to measure: one model per device
         per_model = bytes_per_model(count)
-    size = fitting_models(offered, per_model, count, num_models)
+    size = fitting_models(offered, per_model, count, num_models, cap)
     while size > count:
         # The wave's own programs (compiling them now costs nothing: the wave runs them). A
         # model's share grows with the wave, so where they do not fit, fewer models.
         per_model = max(per_model, bytes_per_model(padded_size(size, count)))
-        fitting = fitting_models(offered, per_model, count, num_models)
+        fitting = fitting_models(offered, per_model, count, num_models, cap)
         if fitting >= size:
             break
         size = fitting
     return dataclasses.replace(plan, wave_size=size, planned_bytes_per_model=per_model)
 
 
-def fitting_models(offered: float, per_model: int, devices: int, num_models: int) -> int:
+def fitting_models(offered: float, per_model: int, devices: int, num_models: int,
+                   per_device_cap: int | None = None) -> int:
     """Models that fit `offered` bytes per device at `per_model` bytes each, on every device
-    (at least one per device), and no more than num_models."""
-    return min(num_models, max(1, int(offered // per_model)) * devices)
+    (at least one per device, at most `per_device_cap`), and no more than num_models."""
+    per_device = max(1, int(offered // per_model))
+    if per_device_cap is not None:
+        per_device = min(per_device, per_device_cap)
+    return min(num_models, per_device * devices)
+
+
+def array_limit(trainer) -> int | None:
+    """The most elements one array may hold on the trainer's devices (None: no limit)."""
+    return array_sizes.ELEMENT_LIMIT.get(trainer.mesh.devices.flat[0].platform)
+
+
+def per_device_cap(trainer) -> int | None:
+    """The most models one device may hold with every array of the wave's programs within
+    the backend's element limit (None where the backend has none)."""
+    limit = array_limit(trainer)
+    if limit is None:
+        return None
+    ensemble = trainer.ensemble
+    sizes = array_sizes.per_model(ensemble, trainer.x_train, trainer.y_train, trainer.steps,
+                                  trainer.eval_batch_size, trainer.schedule)
+    return array_sizes.most_models_per_device(sizes, ensemble.strategy,
+                                              ensemble.eval_strategy, limit)
 
 
 def compiled_bytes(trainer, count: int) -> int:
