@@ -31,7 +31,10 @@ GFLOP/s = XLA's cost analysis of the compiled step (flops) / measured step time.
 Images: random uint8 32x32x3, 10 classes (--dataset=NAME uses a registered dataset instead).
 --project=K,E (default 2000,100) turns the fastest M's training and evaluation rates into the
 hours K models x E epochs take on CIFAR-10 (same image shapes as the random images). A sweep
-stops at the first M that runs out of device memory. gpu_bench.sh (beside it) is the GPU run.
+stops at the first M that runs out of device memory, or whose arrays exceed the backend's
+element limit (jaxmem/train/array_sizes.py: on GPU such a step kills the process with an
+illegal address; --no-element-limit runs it anyway, to see whether it still does).
+gpu_bench.sh (beside it) is the GPU run.
 The process re-executes itself once with the allocator settings of
 `jaxmem.train.lowering.process_env()` (on a VM, page faults on fresh buffers cost more than
 the convolutions otherwise); --no-tune-env measures without them.
@@ -67,6 +70,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip", default="",
                         help="comma-separated: sequential,vmap,eval,matmul,pytorch")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--no-element-limit", action="store_true",
+                        help="run wave sizes whose arrays exceed the backend's element limit")
     parser.add_argument("--project", default="2000,100",
                         help="K,E: project the time of K models x E epochs on CIFAR-10")
     parser.add_argument("--no-tune-env", action="store_true",
@@ -118,9 +123,10 @@ class Bench:
                               (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True, 4)
         self.dataset = dataset
         self.steps = orders.steps_per_epoch(dataset.num_train, 0.7, batch)
-        self.conv_impl, self.strategy = lowering.resolve(args.conv_impl, args.ensemble)
+        self.conv_impl, self.strategy = lowering.resolve(args.conv_impl, args.ensemble,
+                                                         arch=args.arch)
         self.eval_conv, self.eval_strategy, _ = lowering.resolve_eval(
-            args.conv_impl, args.ensemble, args.eval_batch_size)
+            args.conv_impl, args.ensemble, args.eval_batch_size, arch=args.arch)
         self.config = Config(arch=args.arch, batch_size=batch, dtype=args.dtype,
                              conv_impl=self.conv_impl, ensemble=self.strategy)
         self.spec = loop.build_spec(self.config, dataset)
@@ -142,6 +148,25 @@ class Bench:
         from jaxmem.train import loop
 
         return loop.build_spec(self.config, self.dataset, conv_impl)
+
+    def largest_array(self, num_models: int) -> int | None:
+        """Elements of the largest array a device holds for M models, where that exceeds
+        the backend's element limit (None: within it, or no limit)."""
+        from jaxmem.train import array_sizes
+        from jaxmem.train.ensemble import Ensemble
+
+        limit = array_sizes.ELEMENT_LIMIT.get(self.jax.default_backend())
+        if limit is None:
+            return None
+        ensemble = Ensemble(self.spec, self.dataset.image_shape, self.args.batch_size,
+                            strategy=self.strategy, eval_spec=self.spec_with(self.eval_conv),
+                            eval_strategy=self.eval_strategy)
+        sizes = array_sizes.per_model(ensemble, self.x, self.y, self.steps,
+                                      self.args.eval_batch_size, self.schedule)
+        per_device = -(-num_models // ensemble.num_devices)
+        largest = array_sizes.largest_array(sizes, per_device, self.strategy,
+                                            self.eval_strategy)
+        return largest if largest > limit else None
 
     def ensemble_step(self, num_models: int, spec, strategy: str) -> dict:
         """Time Ensemble.train_step (and Ensemble.evaluate) for M models."""
@@ -274,6 +299,12 @@ def main(argv=None) -> int:
         results["pytorch"] = pytorch_baseline(bench)
         save(results, args.json)
     for num_models in sweep:
+        largest = bench.largest_array(num_models)
+        if largest is not None and not args.no_element_limit:
+            print(f"{'ensemble: array above the limit':<34}{num_models:>4}  ({largest:,} "
+                  "elements; larger M skipped)", flush=True)
+            results["element_limit_at_models"] = num_models
+            break
         try:
             row = bench.ensemble_step(num_models, bench.spec, bench.strategy)
         except Exception as error:  # jaxlib's XlaRuntimeError; only out-of-memory is expected
@@ -292,7 +323,8 @@ def main(argv=None) -> int:
         save(results, args.json)  # every finished row is kept, whatever stops the sweep
     main_row = next((r for r in results["sweep"] if r["models"] == args.models), None)
     if main_row is None:
-        print(f"# --models={args.models} ran out of device memory; pick a smaller M", flush=True)
+        print(f"# --models={args.models} did not run (device memory or the element limit); "
+              "pick a smaller M", flush=True)
         return 1
     results.update(model_examples_per_s=main_row["model_examples_per_s"],
                    ensemble_gflops=main_row["gflops"], models=args.models,
