@@ -64,8 +64,9 @@ bench() {  # name, time limit in seconds, extra bench.py arguments
 }
 
 # Which (conv lowering, model-axis mapping) lowering.BEST["gpu"] should be, all at M=64 small_vgg
-# models per step: lax convs under vmap (the current default; grouped convs, whose backward is
-# slow on GPU) with the sequential baseline and the matmul peak, then lax.map over the models
+# models per step: lax convs under vmap (small_vgg's row; grouped convs, whose backward is slow
+# on GPU) with the sequential baseline and the matmul peak (the sweep's M=256 stops at the
+# element limit, array_sizes.py), then lax.map over the models (the GPU default)
 # (plain convs, one model at a time), vmap in chunks of 8 models, and im2col under vmap.
 # resnet18 last. Plain vmap (variant c) is skipped: with lax convs it is the vmap row itself.
 # Time limits: 35 s above, 380 s below (415 s in all).
