@@ -36,13 +36,14 @@ def test_every_conv_candidate_computes_the_convolution_and_its_gradients():
     x, kernel, target = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
                          for shape in ((2, 6, 8, 5), (3, 3, 5, 7), (2, 6, 8, 7)))
 
-    def value_and_grads(conv):
-        return jax.value_and_grad(lambda a, k: jnp.vdot(conv(a, k), target), (0, 1))(x, kernel)
+    def value_and_grads(conv):  # jitted, as benchmarked: one compile, not one per operation
+        return jax.jit(jax.value_and_grad(lambda a, k: jnp.vdot(conv(a, k), target),
+                                          (0, 1)))(x, kernel)
 
     want = value_and_grads(lambda a, k: conv2d(a, k, 1, "xla"))
     for name, conv in lowerings.items():
-        np.testing.assert_allclose(conv(x, kernel), conv2d(x, kernel, 1, "xla"), rtol=1e-5,
-                                   atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(jax.jit(conv)(x, kernel), conv2d(x, kernel, 1, "xla"),
+                                   rtol=1e-5, atol=1e-5, err_msg=name)
         for got, expected in zip(jax.tree.leaves(value_and_grads(conv)),
                                  jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=name)
