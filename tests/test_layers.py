@@ -16,10 +16,11 @@ def test_conv_impls_agree_in_value_and_gradient(shape, kernel, strides):
     x = normal(0, shape)
     w = normal(1, (kernel, kernel, shape[-1], 5))
     ref = None
-    for impl in CONV_IMPLS:
+    for impl in CONV_IMPLS:  # jitted, as a run calls them: one compile, not one per operation
         f = lambda x, w, impl=impl: conv2d(x, w, strides, impl)  # noqa: E731
-        out = f(x, w)
-        grads = jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+        out = jax.jit(f)(x, w)
+        grads = jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))),
+                                 argnums=(0, 1)))(x, w)
         if ref is None:
             ref = (out, grads)
             continue
@@ -71,7 +72,7 @@ def test_batchnorm_rows_outside_the_mask_change_nothing_even_when_not_finite(poi
                               mutable=["batch_stats"])
         return (y ** 2).sum(), (y, updates["batch_stats"])
 
-    grad_of = jax.grad(forward, has_aux=True)
+    grad_of = jax.jit(jax.grad(forward, has_aux=True))  # one program for both inputs
     clean_grads, (clean_y, clean_stats) = grad_of(variables["params"], x)
     poisoned = x.at[1].set(poison).at[4, 0, 1, 2].set(poison)
     grads, (y, stats) = grad_of(variables["params"], poisoned)
@@ -87,12 +88,12 @@ def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(shape):
     def flax_pool(v):
         return nn.max_pool(v, (2, 2), (2, 2))
 
-    def grad(f, v):
-        return jax.grad(lambda v: jnp.sum(jnp.cos(f(v))))(v)
+    def grad(f, v):  # jitted, as a run calls them: one compile, not one per operation
+        return jax.jit(jax.grad(lambda v: jnp.sum(jnp.cos(f(v)))))(v)
 
-    np.testing.assert_array_equal(max_pool_2x2(x), flax_pool(x))
+    np.testing.assert_array_equal(jax.jit(max_pool_2x2)(x), flax_pool(x))
     np.testing.assert_allclose(grad(max_pool_2x2, x), grad(flax_pool, x), rtol=1e-6, atol=1e-6)
     xs = jnp.stack([x, -x])  # under vmap (the ensemble's model axis)
-    np.testing.assert_array_equal(jax.vmap(max_pool_2x2)(xs), jax.vmap(flax_pool)(xs))
+    np.testing.assert_array_equal(jax.jit(jax.vmap(max_pool_2x2))(xs), jax.vmap(flax_pool)(xs))
     np.testing.assert_allclose(grad(jax.vmap(max_pool_2x2), xs), grad(jax.vmap(flax_pool), xs),
                                rtol=1e-6, atol=1e-6)
