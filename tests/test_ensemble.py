@@ -324,32 +324,33 @@ def test_waves_are_planned_from_the_compiled_memory_use(monkeypatch):
     larger = waves.compiled_bytes(loop.Trainer(Config(**CONFIG), tiled), 1)
     added = tiled.x_train.nbytes - DATASET.x_train.nbytes  # 374 KB of images
     assert abs(larger - compiled) < 0.1 * added  # orders grow by 17 KB, nothing else
-    # On CPU a wave of all 50 models is compiled first; where it does not fit, one model alone
-    # too, and a model costs the larger share. Where it fits, the wave runs the programs
+    # On CPU a wave of all the models (3: one_wave's program, compiled once for the module) is
+    # compiled first; where it does not fit, one model alone too, and a model costs the larger
+    # share (a model's share grows with the wave). Where it fits, the wave runs the programs
     # measured.
     cost = lambda compiled: int(waves.HOST_RESIDENT_FACTOR * compiled) + 1000  # noqa: E731
     sizes = []
     monkeypatch.setattr(waves, "compiled_bytes",
                         lambda trainer, count: sizes.append(count) or measure(trainer, count))
-    in_whole = cost(measure(trainer, 50) // 50)
+    in_whole = cost(measure(trainer, 3) // 3)
     per_model = max(cost(compiled), in_whole)
-    for fits, whole in ((1, False), (50, True)):  # waves between: the test after this one
+    for fits, whole in ((1, False), (3, True)):  # waves between: the test after this one
         # room for exactly `fits` models (and a half) at the larger share
         available = int((fits + 0.5) * (in_whole if whole else per_model)
                         / waves.MEMORY_FRACTION) + 5000
         fake_host_budget(monkeypatch, available)
-        plan = waves.plan_memory(trainer, 50, reserved=5000, host_per_model=1000)
-        assert plan.wave_size == fits and sizes == ([50] if whole else [50, 1])
+        plan = waves.plan_memory(trainer, 3, reserved=5000, host_per_model=1000)
+        assert plan.wave_size == fits and sizes == ([3] if whole else [3, 1])
         assert plan.planned_bytes_per_model == (in_whole if whole else per_model)
         assert plan.record([], [])["budget_bytes"] == available and plan.reserved == 5000
         sizes.clear()
     fake_host_budget(monkeypatch, 1)
-    assert waves.plan_memory(trainer, 50).wave_size == 1  # at least one model per device
+    assert waves.plan_memory(trainer, 3).wave_size == 1  # at least one model per device
     # A GPU's autotuner runs kernels on the device with a program's buffers: only one model
     # per device is compiled to measure, however much room the device has.
     fake_device_memory(monkeypatch, bytes_limit=1 << 40, bytes_in_use=0, peak_bytes_in_use=0)
     sizes.clear()
-    assert waves.plan_memory(trainer, 50).wave_size == 50 and sizes == [1, 50]
+    assert waves.plan_memory(trainer, 3).wave_size == 3 and sizes == [1, 3]
     given = loop.Trainer(Config(**CONFIG, models_per_wave=7), DATASET)
     assert waves.plan_memory(given, 50).wave_size == 7
 
