@@ -16,8 +16,10 @@ from jaxmem.masks import run_masks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "cluster", "ensemble_array.sh")
-RUN_ARGS = ("--arch=tiny_cnn --epochs=1 --batch-size=64 --min-count=2 --null-permutations=2 "
-            "--models-per-wave=2")
+# test_cli's TINY run on data of its shape, in parts of its 6 models: the parts' programs are
+# those test_cli and test_data_folder compile (read from the suite's compilation cache)
+RUN_ARGS = ("--arch=tiny_cnn --epochs=2 --batch-size=256 --eval-every=1 --min-count=2 "
+            "--null-permutations=2")
 
 
 def script(mode: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
@@ -28,23 +30,23 @@ def script(mode: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
 def test_parts_and_merge_on_one_machine(tmp_path):
     rng = np.random.default_rng(0)
     data = str(tmp_path / "tiny.npz")
-    np.savez(data, x_train=rng.integers(0, 256, (60, 6, 6), np.uint8),
-             y_train=rng.integers(0, 3, 60), x_test=rng.integers(0, 256, (10, 6, 6), np.uint8),
-             y_test=rng.integers(0, 3, 10))
+    np.savez(data, x_train=rng.integers(0, 256, (90, 6, 6), np.uint8),
+             y_train=rng.integers(0, 3, 90), x_test=rng.integers(0, 256, (20, 6, 6), np.uint8),
+             y_test=rng.integers(0, 3, 20))
     out = str(tmp_path / "run")
-    env = {"JAXMEM_OUT": out, "JAXMEM_NUM_MODELS": "4", "JAXMEM_NUM_PARTS": "2",
+    env = {"JAXMEM_OUT": out, "JAXMEM_NUM_MODELS": "12", "JAXMEM_NUM_PARTS": "2",
            "JAXMEM_RUN_ARGS": f"{RUN_ARGS} --dataset={data}", "JAXMEM_PYTHON": sys.executable}
     for part in ("0", "1"):
         done = script("part", {**env, "SLURM_ARRAY_TASK_ID": part})
         assert done.returncode == 0, done.stderr[-2000:]
-    assert load_run(f"{out}.parts/part-1").model_indices.tolist() == [2, 3]
+    assert load_run(f"{out}.parts/part-1").model_indices.tolist() == list(range(6, 12))
     again = script("part", {**env, "SLURM_ARRAY_TASK_ID": "0"})  # a requeued finished part
     assert again.returncode == 0 and "is finished" in again.stdout
     done = script("merge", env)
     assert done.returncode == 0, done.stderr[-2000:]
     merged = load_run(out)
-    assert merged.model_indices.tolist() == [0, 1, 2, 3]
-    np.testing.assert_array_equal(merged.masks, run_masks(Config(num_models=4), 60))
+    assert merged.model_indices.tolist() == list(range(12))
+    np.testing.assert_array_equal(merged.masks, run_masks(Config(num_models=12), 90))
 
 
 FAKE_RUN = """#!/bin/bash
