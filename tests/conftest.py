@@ -152,6 +152,22 @@ def simulated_margins(num_models: int, seed: int, num_examples: int = 3000):
 
 
 @pytest.fixture
+def wave_sizes(monkeypatch) -> list[int]:
+    """The number of models of every wave the trainer trains, in order (appended as each
+    wave starts)."""
+    from jaxmem.train import loop
+
+    sizes, original = [], loop.Trainer.train_wave
+
+    def recorded(self, indices, *args, **kwargs):
+        sizes.append(len(indices))
+        return original(self, indices, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Trainer, "train_wave", recorded)
+    return sizes
+
+
+@pytest.fixture
 def fake_run_dir(tmp_path):
     """Factory: fake_run_dir(name="run", **write_fake_run options) -> path of a new run dir
     under tmp_path (digits-sized by default, so galleries and notebooks find the images)."""

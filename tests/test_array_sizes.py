@@ -89,24 +89,16 @@ def test_the_memory_plan_caps_the_wave_and_refuses_a_given_wave_above_it(monkeyp
     assert waves.plan_memory(given, 50).wave_size == 3
 
 
-def test_a_run_trains_in_waves_of_the_capped_size(monkeypatch, capsys):
+def test_a_run_trains_in_waves_of_the_capped_size(monkeypatch, capsys, wave_sizes):
     """A device with room for every model (as an H200 has for small_vgg) and an element limit
     of 2 models: the run trains 5 models in waves of 2, 2 and 1, says why and records it."""
     element_limit(monkeypatch, 2)
     monkeypatch.setattr(type(jax.devices()[0]), "memory_stats", lambda self: {
         "bytes_limit": 1 << 40, "bytes_in_use": 0, "peak_bytes_in_use": 0})
-    trained = []
-    original = loop.Trainer.train_wave
-
-    def recorded(self, indices, *args, **kwargs):
-        trained.append(len(indices))
-        return original(self, indices, *args, **kwargs)
-
-    monkeypatch.setattr(loop.Trainer, "train_wave", recorded)
     config = Config(**CONFIG)
     result = loop.train_ensemble(config, DATASET, run_masks(config, DATASET.num_train),
                                  progress=False)
-    assert trained == [2, 2, 1]
+    assert wave_sizes == [2, 2, 1]
     assert result.memory_plan["models_per_device_cap"] == 2
     assert ("waves of up to 2 models, 2 per device so that no array exceeds what its kernels "
             "can index" in capsys.readouterr().out)
